@@ -1,0 +1,3 @@
+from soupkit.cli import main
+
+main()

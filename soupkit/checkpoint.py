@@ -1,0 +1,479 @@
+"""Hugging Face checkpoint I/O without loading models.
+
+Reads ``config.json`` and safetensors headers (milliseconds, no torch), gives zero-copy numpy views
+of tensors through ``mmap`` (the pages belong to the page cache, not to the process), and writes
+sharded safetensors *as tensors are produced*: each shard's header is computed up front from the
+planned shapes, so the output never has to sit in memory. Also copies tokenizer and generation
+files and writes the provenance card every soupkit output carries.
+
+Safetensors format: https://github.com/huggingface/safetensors#format (8-byte little-endian header
+length, a JSON header of ``name -> {dtype, shape, data_offsets}``, then the raw bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from soupkit.errors import SoupkitError
+
+# safetensors dtype code -> (numpy storage dtype, is floating point). bfloat16 has no numpy dtype:
+# it is stored as uint16 and widened to float32 by a 16-bit shift (see soupkit.merge.engine).
+STORAGE = {
+    "F64": (np.dtype("<f8"), True),
+    "F32": (np.dtype("<f4"), True),
+    "F16": (np.dtype("<f2"), True),
+    "BF16": (np.dtype("<u2"), True),
+    "I64": (np.dtype("<i8"), False),
+    "I32": (np.dtype("<i4"), False),
+    "I16": (np.dtype("<i2"), False),
+    "I8": (np.dtype("i1"), False),
+    "U8": (np.dtype("u1"), False),
+    "BOOL": (np.dtype("?"), False),
+}
+FP8 = {"F8_E4M3", "F8_E5M2"}
+DTYPE_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+CONFIG_DTYPE = {code: name for name, code in DTYPE_NAMES.items()}
+SUPPORT_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: ``file`` and absolute byte ``start`` of its data."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FP8 or STORAGE.get(self.dtype, (None, False))[1]
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint directory opened for lazy reads: config plus tensor locations."""
+
+    ref: str
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    pickled: dict[str, Any] | None = None
+    _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+
+    def array(self, name: str) -> np.ndarray:
+        """Flat zero-copy numpy view of tensor ``name`` in its storage dtype."""
+        info = self.tensors[name]
+        if self.pickled is not None:
+            return _torch_to_numpy(self.pickled[name])
+        mm = self._maps.get(info.file)
+        if mm is None:
+            with open(info.file, "rb") as f:
+                mm = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        storage = STORAGE[info.dtype][0]
+        return np.frombuffer(mm, dtype=storage, count=info.numel, offset=info.start)
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a caller still holds a view; the map dies with it
+                pass
+        self._maps.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating and reading
+
+
+def resolve_model_dir(ref: str, what: str = "model") -> Path:
+    """A local directory for ``ref``: the path itself, or a Hub snapshot (offline-cache aware)."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise SoupkitError(f"{what} {ref!r} is a file; expected a checkpoint directory")
+    if not HUB_ID.match(ref) or ref.startswith((".", "/")):
+        raise SoupkitError(f"{what} {ref!r} not found (no such directory)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        return Path(snapshot_download(ref, allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001 - any hub failure means "not available here"
+        raise SoupkitError(
+            f"{what} {ref!r} not found: not a local directory, and not available from the "
+            f"Hugging Face Hub ({type(exc).__name__})"
+        ) from None
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """``config.json`` of a checkpoint directory, as a dict."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise SoupkitError(f"{path}: missing config.json; is {model_dir} a Hugging Face checkpoint?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SoupkitError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Tensor locations from a safetensors header, checking the file is complete."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SoupkitError(f"{path}: truncated or corrupt safetensors file (no header)")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8 or length > 100_000_000:
+            raise SoupkitError(f"{path}: truncated or corrupt safetensors file (header length)")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SoupkitError(f"{path}: truncated or corrupt safetensors file (bad header)") from None
+    header.pop("__metadata__", None)
+    return _tensor_infos(path, header, data_start=8 + length, size=size)
+
+
+def _tensor_infos(path: Path, header: dict, data_start: int, size: int) -> dict[str, TensorInfo]:
+    infos = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise SoupkitError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+        itemsize = _itemsize(dtype, path, name)
+        if end - begin != math.prod(shape) * itemsize or begin < 0:
+            raise SoupkitError(f"{path}: corrupt safetensors header: tensor {name!r} has bad offsets")
+        if data_start + end > size:
+            raise SoupkitError(
+                f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
+                f"{data_start + end} but the file has {size} bytes"
+            )
+        infos[name] = TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
+    return infos
+
+
+def _itemsize(dtype: str, path: Path, name: str) -> int:
+    if dtype in FP8:
+        return 1
+    if dtype not in STORAGE:
+        raise SoupkitError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+    return STORAGE[dtype][0].itemsize
+
+
+def open_checkpoint(ref: str, *, allow_pickle: bool = False, what: str = "model") -> Checkpoint:
+    """Open a checkpoint for lazy reads; reads only config and headers."""
+    model_dir = resolve_model_dir(ref, what)
+    config = read_config(model_dir)
+    files = _safetensors_files(model_dir)
+    if files:
+        tensors = _read_all_headers(files, model_dir)
+        return Checkpoint(ref, model_dir, config, tensors)
+    pickles = _pickle_files(model_dir)
+    if not pickles:
+        raise SoupkitError(f"{what} {ref!r}: no *.safetensors or pytorch_model*.bin weights in {model_dir}")
+    if not allow_pickle:
+        raise SoupkitError(
+            f"{what} {ref!r} has only pickle weights ({pickles[0].name}); pickle files can run "
+            "code when loaded, so soupkit refuses them unless you pass --allow-pickle"
+        )
+    return _open_pickled(ref, model_dir, config, pickles)
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return _files_from_index(index)
+    single = model_dir / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise SoupkitError(f"{index}: invalid index file (no weight_map)") from None
+    files = []
+    for name in dict.fromkeys(weight_map.values()):
+        shard = index.parent / name
+        if not shard.is_file():
+            raise SoupkitError(f"{index}: shard {name} is listed but missing")
+        files.append(shard)
+    return files
+
+
+def _read_all_headers(files: Sequence[Path], model_dir: Path) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        for name, info in read_safetensors_header(file).items():
+            if name in tensors:
+                raise SoupkitError(f"{model_dir}: tensor {name!r} appears in two shards")
+            tensors[name] = info
+    return tensors
+
+
+def _pickle_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "pytorch_model.bin.index.json"
+    if index.is_file():
+        return _files_from_index(index)
+    single = model_dir / "pytorch_model.bin"
+    return [single] if single.is_file() else []
+
+
+def _open_pickled(ref: str, model_dir: Path, config: dict, files: list[Path]) -> Checkpoint:
+    import torch
+
+    state: dict[str, Any] = {}
+    for file in files:
+        try:
+            state.update(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as exc:  # noqa: BLE001 - a broken pickle is the user's file
+            raise SoupkitError(f"{file}: cannot read pickle checkpoint ({exc})") from None
+    codes = {v: k for k, v in _torch_dtype_codes().items()}
+    tensors = {
+        name: TensorInfo(name, codes[t.dtype], tuple(t.shape), file, 0, t.numel() * t.element_size())
+        for name, t in state.items()
+    }
+    return Checkpoint(ref, model_dir, config, tensors, pickled=state)
+
+
+def _torch_dtype_codes() -> dict[str, Any]:
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U8": torch.uint8, "BOOL": torch.bool,
+    }
+
+
+def _torch_to_numpy(t: Any) -> np.ndarray:
+    import torch
+
+    t = t.contiguous().reshape(-1)
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming writer
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * STORAGE[self.dtype][0].itemsize
+
+
+def plan_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (one tensor minimum)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    used = 0
+    for t in tensors:
+        if shards[-1] and used + t.nbytes > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(t)
+        used += t.nbytes
+    return shards
+
+
+def _header_bytes(shard: Sequence[PlannedTensor]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in shard:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardedWriter:
+    """Writes planned tensors to ``out_dir`` in order, one buffer at a time.
+
+    ``write(name, chunk)`` may be called several times per tensor; the bytes of each tensor must
+    add up to its planned size before the next tensor starts.
+    """
+
+    def __init__(self, out_dir: Path, tensors: Sequence[PlannedTensor], max_shard_bytes: int):
+        self.out_dir = out_dir
+        self.shards = plan_shards(tensors, max_shard_bytes)
+        n = len(self.shards)
+        self.names = ["model.safetensors"] if n == 1 else [
+            f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
+        ]
+        self._order: Iterator[tuple[int, PlannedTensor]] = (
+            (i, t) for i, shard in enumerate(self.shards) for t in shard
+        )
+        self._file = None
+        self._shard = -1
+        self._current: PlannedTensor | None = None
+        self._remaining = 0
+
+    def write(self, name: str, chunk: np.ndarray) -> None:
+        if self._remaining == 0:
+            self._next_tensor(name)
+        if self._current is None or self._current.name != name:
+            raise RuntimeError(f"tensor {name!r} written out of order")
+        self._file.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+        self._remaining -= chunk.nbytes
+        if self._remaining < 0:
+            raise RuntimeError(f"tensor {name!r} got more bytes than planned")
+
+    def _next_tensor(self, name: str) -> None:
+        shard, planned = next(self._order)
+        if shard != self._shard:
+            self._open_shard(shard)
+        self._current, self._remaining = planned, planned.nbytes
+
+    def _open_shard(self, shard: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._shard = shard
+        self._file = open(self.out_dir / self.names[shard], "wb")
+        self._file.write(_header_bytes(self.shards[shard]))
+
+    def close(self) -> None:
+        """Finish the last shard and write the index when there are several."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._remaining or next(self._order, None) is not None:
+            raise RuntimeError("ShardedWriter closed before every planned tensor was written")
+        if len(self.shards) > 1:
+            self._write_index()
+
+    def _write_index(self) -> None:
+        total = sum(t.nbytes for shard in self.shards for t in shard)
+        weight_map = {t.name: self.names[i] for i, shard in enumerate(self.shards) for t in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Support files and provenance
+
+
+def copy_support_files(src: Path, dst: Path) -> list[str]:
+    """Copy tokenizer and generation-config files from ``src``; returns the names copied."""
+    copied = []
+    for name in SUPPORT_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def write_config(dst: Path, config: dict[str, Any], dtype: str | None = None) -> None:
+    """Write ``config.json``; ``dtype`` (a safetensors code) overrides the recorded dtype."""
+    config = dict(config)
+    if dtype is not None and dtype in CONFIG_DTYPE:
+        config["dtype"] = CONFIG_DTYPE[dtype]
+        config.pop("torch_dtype", None)
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or an int -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(text), flags=re.IGNORECASE)
+    if not match:
+        raise SoupkitError(f"bad size {text!r}; use e.g. 5GB, 500MB or 2GiB")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
+
+
+def dir_is_nonempty(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+@contextmanager
+def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; on success it replaces ``out`` by renames.
+
+    Nothing is written at ``out`` until the body succeeds, and an existing non-empty ``out`` is
+    only replaced with ``force``. On failure the temporary directory is removed.
+    """
+    out = Path(out)
+    check_output_free(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace(tmp, out)
+
+
+def check_output_free(out: Path, force: bool) -> None:
+    """Refuse an existing non-empty output unless ``force``."""
+    if dir_is_nonempty(out) and not force:
+        raise SoupkitError(f"output {out} already exists and is not empty; pass --force to replace it")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists() or out.is_symlink():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+def write_provenance(dst: Path, recipe: dict[str, Any], card: str) -> None:
+    """Write the resolved recipe (``soupkit_recipe.yaml``) and the model card (``README.md``)."""
+    import yaml
+
+    from soupkit import __version__
+
+    header = f"# Written by soupkit {__version__}: the resolved recipe that produced this directory.\n"
+    (dst / "soupkit_recipe.yaml").write_text(header + yaml.safe_dump(recipe, sort_keys=False))
+    (dst / "README.md").write_text(card)
