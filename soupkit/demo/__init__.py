@@ -1,0 +1,1 @@
+"""The embedded default (``soupkit demo``): a tiny world built in-process, nothing downloaded."""

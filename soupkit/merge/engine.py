@@ -1,0 +1,134 @@
+"""The streaming soup engine: weighted averages, one chunk of one tensor at a time.
+
+For each tensor and each chunk of at most ``CHUNK`` elements: widen every ingredient's chunk to
+float32, multiply by its normalised weight (rounded to float32), add left to right into a float32
+accumulator, then round once to the output dtype and append the bytes to the open output shard.
+
+Memory is a handful of chunk-sized buffers reused for the whole run (fresh temporaries, not
+arithmetic, dominate a merge on a CPU: research/merge_anchors.md §4). Inputs are ``mmap``'d, so their
+pages are page cache, not process memory. numpy does the arithmetic, which keeps ``soupkit merge``
+free of the 2-3 s torch import; bfloat16 is widened and rounded with integer operations that match
+torch's conversion (round to nearest, ties to even; NaN -> 0x7FC0) bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from soupkit.checkpoint import STORAGE, Checkpoint, PlannedTensor, ShardedWriter, parse_size
+from soupkit.merge.preflight import MergePlan
+
+CHUNK = 1 << 20
+Progress = Callable[[int, int], None]
+
+
+class Buffers:
+    """Reusable float32 scratch space for one chunk."""
+
+    def __init__(self, size: int = CHUNK):
+        self.acc = np.empty(size, dtype=np.float32)
+        self.tmp = np.empty(size, dtype=np.float32)
+        self.bits = np.empty(size, dtype=np.uint32)
+        self.half = np.empty(size, dtype=np.uint16)
+
+
+def widen(src: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+    """Exact float32 copy of a float chunk stored as ``dtype`` (bf16 arrives as uint16)."""
+    if dtype == "BF16":
+        bits = out.view(np.uint32)
+        np.copyto(bits, src, casting="unsafe")
+        np.left_shift(bits, 16, out=bits)
+    else:
+        np.copyto(out, src, casting="unsafe")
+    return out
+
+
+def round_bf16(acc: np.ndarray, buf: Buffers) -> np.ndarray:
+    """Round float32 to bfloat16 bits: nearest, ties to even; NaN -> 0x7FC0 (as torch/c10)."""
+    n = acc.size
+    u = acc.view(np.uint32)
+    bias = buf.bits[:n]
+    np.right_shift(u, 16, out=bias)
+    np.bitwise_and(bias, 1, out=bias)
+    np.add(bias, 0x7FFF, out=bias)
+    np.add(bias, u, out=bias)  # wraps only for negative NaNs, fixed below
+    np.right_shift(bias, 16, out=bias)
+    out = buf.half[:n]
+    np.copyto(out, bias, casting="unsafe")
+    nan = np.isnan(acc)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def narrow(acc: np.ndarray, dtype: str, buf: Buffers) -> np.ndarray:
+    """Round the float32 accumulator once to the output dtype's storage."""
+    if dtype == "BF16":
+        return round_bf16(acc, buf)
+    if dtype == "F32":
+        return acc
+    return acc.astype(STORAGE[dtype][0])  # F16 (IEEE round to nearest even) or F64 (exact)
+
+
+def average_chunk(chunks: list[np.ndarray], dtypes: list[str], weights: list[float], buf: Buffers) -> np.ndarray:
+    """float32 sum of ``weights[i] * chunks[i]``, accumulated left to right."""
+    n = chunks[0].size
+    acc, tmp = buf.acc[:n], buf.tmp[:n]
+    widen(chunks[0], dtypes[0], acc)
+    np.multiply(acc, np.float32(weights[0]), out=acc)
+    for chunk, dtype, weight in zip(chunks[1:], dtypes[1:], weights[1:]):
+        widen(chunk, dtype, tmp)
+        np.multiply(tmp, np.float32(weight), out=tmp)
+        np.add(acc, tmp, out=acc)
+    return acc
+
+
+def output_dtype(plan: MergePlan, name: str) -> str:
+    info = plan.models[0].tensors[name]
+    if plan.spec.dtype is None or not info.is_float:
+        return info.dtype
+    from soupkit.checkpoint import DTYPE_NAMES
+
+    return DTYPE_NAMES[plan.spec.dtype]
+
+
+def merge_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Buffers) -> None:
+    """Average one tensor chunk by chunk; non-float tensors are copied from the first model."""
+    arrays = [m.array(name) for m in plan.models]
+    dtypes = [m.tensors[name].dtype for m in plan.models]
+    out_dtype = output_dtype(plan, name)
+    if not plan.models[0].tensors[name].is_float:
+        writer.write(name, arrays[0])
+        return
+    n = arrays[0].size
+    for start in range(0, max(n, 1), CHUNK):
+        stop = min(start + CHUNK, n)
+        acc = average_chunk([a[start:stop] for a in arrays], dtypes, plan.weights[name], buf)
+        writer.write(name, narrow(acc, out_dtype, buf))
+
+
+def write_soup(plan: MergePlan, out_dir: Path, progress: Progress | None = None) -> int:
+    """Merge every tensor of ``plan`` into safetensors shards in ``out_dir``; returns bytes written."""
+    planned = [PlannedTensor(n, output_dtype(plan, n), plan.models[0].tensors[n].shape) for n in plan.names]
+    writer = ShardedWriter(out_dir, planned, parse_size(plan.spec.shard_size))
+    buf = Buffers()
+    total, done = sum(t.nbytes for t in planned), 0
+    for tensor in planned:
+        merge_tensor(plan, tensor.name, writer, buf)
+        done += tensor.nbytes
+        if progress is not None:
+            progress(done, total)
+    writer.close()
+    return total
+
+
+def checkpoint_dtype(ckpt: Checkpoint) -> str | None:
+    """The dtype most of a checkpoint's float bytes are stored in."""
+    sizes: dict[str, int] = {}
+    for info in ckpt.tensors.values():
+        if info.is_float:
+            sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes
+    return max(sizes, key=sizes.__getitem__) if sizes else None

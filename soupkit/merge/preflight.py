@@ -1,0 +1,165 @@
+"""Checks that run before any weight is read, from configs and safetensors headers only.
+
+Each failure is one ``SoupkitError`` naming the model, tensor or key (mergekit reports several of
+these only after downloading and reading weights: arcee-ai/mergekit#527).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from soupkit.checkpoint import Checkpoint, TensorInfo, check_output_free, open_checkpoint
+from soupkit.errors import SoupkitError
+from soupkit.merge import weights as W
+from soupkit.recipe import NATIVE_METHODS, MergeSpec
+
+ARCH_KEYS = ("architectures", "model_type")
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+@dataclass
+class MergePlan:
+    """Everything the engine needs, resolved: open checkpoints, tensor order and weights."""
+
+    spec: MergeSpec
+    output: Path
+    models: list[Checkpoint]
+    base: Checkpoint | None
+    names: list[str]
+    num_layers: int
+    weights: dict[str, list[float]]
+
+    @property
+    def source(self) -> Checkpoint:
+        """Where config, tokenizer and generation config come from: the base, else model 0."""
+        return self.base or self.models[0]
+
+    @property
+    def native(self) -> bool:
+        return self.spec.method in NATIVE_METHODS
+
+    def close(self) -> None:
+        for ckpt in self.all_checkpoints():
+            ckpt.close()
+
+    def all_checkpoints(self) -> list[Checkpoint]:
+        return self.models + ([self.base] if self.base else [])
+
+
+def preflight(spec: MergeSpec, output: Path, force: bool = False, allow_pickle: bool = False) -> MergePlan:
+    """Open every ingredient lazily and check they can be merged as ``spec`` says."""
+    check_output_free(output, force)
+    models = [_open(ing.model, f"merge.models[{i}]", allow_pickle) for i, ing in enumerate(spec.models)]
+    base = _open(spec.base, "merge.base", allow_pickle) if spec.base else None
+    everyone = models + ([base] if base else [])
+    check_same_architecture(everyone)
+    check_same_vocabulary(everyone)
+    names = check_same_tensors(everyone)
+    num_layers = W.count_layers(models[0].config, names)
+    weights = {}
+    if spec.method in NATIVE_METHODS:
+        per_model = [ing.weight for ing in spec.models]
+        weights = {name: W.tensor_weights(per_model, name, num_layers) for name in names}
+        _check_mergeable_dtypes(models, names)
+    return MergePlan(spec, output, models, base, names, num_layers, weights)
+
+
+def _open(ref: str, where: str, allow_pickle: bool) -> Checkpoint:
+    try:
+        return open_checkpoint(ref, allow_pickle=allow_pickle, what=f"{where}")
+    except SoupkitError:
+        raise
+    except OSError as exc:
+        raise SoupkitError(f"{where} {ref!r}: cannot read ({exc.strerror or exc})") from None
+
+
+def check_same_architecture(ckpts: list[Checkpoint]) -> None:
+    """Same ``architectures``/``model_type`` and the same core shape settings."""
+    first = ckpts[0]
+    for other in ckpts[1:]:
+        for key in ARCH_KEYS + SHAPE_KEYS:
+            a, b = first.config.get(key), other.config.get(key)
+            if a != b:
+                raise SoupkitError(
+                    f"architecture mismatch: {first.ref} has {key}={a!r} but {other.ref} has {key}={b!r}"
+                )
+
+
+def check_same_vocabulary(ckpts: list[Checkpoint]) -> None:
+    """Same ``vocab_size`` and, where both ship ``tokenizer.json``, the same token ids."""
+    first = ckpts[0]
+    vocab0 = _tokenizer_vocab(first.path)
+    for other in ckpts[1:]:
+        a, b = _vocab_size(first.config), _vocab_size(other.config)
+        if a != b:
+            raise SoupkitError(
+                f"vocabulary mismatch: {first.ref} has vocab_size={a} but {other.ref} has {b}; "
+                "rows of the embeddings would not line up"
+            )
+        vocab = _tokenizer_vocab(other.path)
+        if vocab0 is not None and vocab is not None and vocab0 != vocab:
+            diff = next((tok for tok in vocab0 if vocab.get(tok) != vocab0[tok]), None)
+            raise SoupkitError(
+                f"vocabulary mismatch: the tokenizers of {first.ref} and {other.ref} differ "
+                f"(token {diff!r} has id {vocab0.get(diff)} vs {vocab.get(diff)})"
+            )
+
+
+def _vocab_size(config: dict[str, Any]) -> Any:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return text.get("vocab_size")
+
+
+def _tokenizer_vocab(model_dir: Path) -> dict[str, int] | None:
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise SoupkitError(f"{path}: invalid JSON") from None
+    vocab = dict(data.get("model", {}).get("vocab") or {})
+    if isinstance(data.get("model", {}).get("vocab"), list):  # unigram: [[piece, score], ...]
+        vocab = {piece: i for i, (piece, _) in enumerate(data["model"]["vocab"])}
+    vocab.update({tok["content"]: tok["id"] for tok in data.get("added_tokens", [])})
+    return vocab
+
+
+def check_same_tensors(ckpts: list[Checkpoint]) -> list[str]:
+    """Identical tensor names and shapes; returns names in the first model's storage order."""
+    first = ckpts[0]
+    for other in ckpts[1:]:
+        missing = [n for n in first.tensors if n not in other.tensors]
+        extra = [n for n in other.tensors if n not in first.tensors]
+        if missing or extra:
+            name, owner, lacking = (missing[0], first, other) if missing else (extra[0], other, first)
+            more = len(missing) + len(extra) - 1
+            raise SoupkitError(
+                f"tensor name mismatch: {name!r} is in {owner.ref} but not in {lacking.ref}"
+                + (f" ({more} more)" if more else "")
+            )
+        for name, info in first.tensors.items():
+            if other.tensors[name].shape != info.shape:
+                raise SoupkitError(
+                    f"tensor shape mismatch: {name!r} is {list(info.shape)} in {first.ref} "
+                    f"but {list(other.tensors[name].shape)} in {other.ref}"
+                )
+    return sorted(first.tensors, key=lambda n: _storage_order(first.tensors[n]))
+
+
+def _storage_order(info: TensorInfo) -> tuple[str, int]:
+    return (str(info.file), info.start)
+
+
+def _check_mergeable_dtypes(models: list[Checkpoint], names: list[str]) -> None:
+    for name in names:
+        infos = [m.tensors[name] for m in models]
+        floats = {info.is_float for info in infos}
+        if len(floats) > 1:
+            raise SoupkitError(f"tensor {name!r} is floating point in some models but not in others")
+        fp8 = [m.ref for m, info in zip(models, infos) if info.dtype.startswith("F8")]
+        if fp8:
+            raise SoupkitError(f"tensor {name!r} in {fp8[0]} is fp8; dequantise before merging")

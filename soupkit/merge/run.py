@@ -1,0 +1,121 @@
+"""``soupkit.run_merge``: recipe -> preflight -> engine (or mergekit) -> provenance -> rename."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from soupkit.checkpoint import (
+    CONFIG_DTYPE,
+    DTYPE_NAMES,
+    atomic_output_dir,
+    copy_support_files,
+    write_config,
+    write_provenance,
+)
+from soupkit.errors import SoupkitError
+from soupkit.merge import engine, mergekit_backend
+from soupkit.merge.preflight import MergePlan, preflight
+from soupkit.recipe import NATIVE_METHODS, MergeSpec, Recipe, load_recipe, to_plain, validate
+
+Progress = Callable[[int, int], None]
+
+
+def load_merge_spec(recipe: str | Path | Mapping[str, Any] | Recipe | MergeSpec) -> MergeSpec:
+    """The ``merge:`` section from a recipe path, a recipe dict, or a bare merge-section dict."""
+    if isinstance(recipe, MergeSpec):
+        return recipe
+    if isinstance(recipe, Mapping) and "merge" not in recipe and "models" in recipe:
+        return validate(MergeSpec, dict(recipe), "merge")
+    loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if loaded.merge is None:
+        raise SoupkitError(f"{recipe if isinstance(recipe, (str, Path)) else 'recipe'}: no merge: section")
+    return loaded.merge
+
+
+def run_merge(
+    recipe: str | Path | Mapping[str, Any] | Recipe | MergeSpec,
+    *,
+    out: str | Path | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Merge the ingredients of a recipe's ``merge:`` section; returns the output directory.
+
+    All checks run before any weight is read; the output appears only when complete (written to
+    a temporary sibling, then renamed), and an existing non-empty output needs ``force``.
+    """
+    spec = load_merge_spec(recipe)
+    output = Path(out or spec.output or "")
+    if not str(output) or output == Path():
+        raise SoupkitError("merge.output: no output directory; set merge.output or pass --out")
+    if spec.method not in NATIVE_METHODS:
+        mergekit_backend.validate(spec)
+    plan = preflight(spec, output, force=force, allow_pickle=allow_pickle)
+    try:
+        with atomic_output_dir(output, force) as tmp:
+            _merge_into(plan, tmp, progress)
+    finally:
+        plan.close()
+    return output
+
+
+def _merge_into(plan: MergePlan, tmp: Path, progress: Progress | None) -> None:
+    dtype = DTYPE_NAMES[plan.spec.dtype] if plan.spec.dtype else engine.checkpoint_dtype(plan.models[0])
+    if plan.native:
+        engine.write_soup(plan, tmp, progress)
+        write_config(tmp, plan.source.config, dtype)
+    else:
+        mergekit_backend.run(plan, tmp, CONFIG_DTYPE.get(dtype or "F32", "float32"))
+    copy_support_files(plan.source.path, tmp)
+    write_provenance(tmp, {"merge": resolved_spec(plan, dtype)}, model_card(plan, dtype))
+
+
+def resolved_spec(plan: MergePlan, dtype: str | None) -> dict[str, Any]:
+    """The merge section as run, loadable as a recipe: local paths made absolute, dtype filled in."""
+    data = to_plain(plan.spec)
+    data.update(method=plan.spec.method, output=str(plan.output.resolve()),
+                dtype=plan.spec.dtype or CONFIG_DTYPE.get(dtype or "", None))
+    for entry, ckpt in zip(data["models"], plan.models):
+        entry["model"] = _portable(ckpt)
+    if plan.base is not None:
+        data["base"] = _portable(plan.base)
+    return data
+
+
+def _portable(ckpt: Any) -> str:
+    """A local directory as an absolute path; a Hub id stays a Hub id."""
+    return str(Path(ckpt.ref).resolve()) if Path(ckpt.ref).exists() else ckpt.ref
+
+
+def model_card(plan: MergePlan, dtype: str | None) -> str:
+    """A README model card: what was merged, how, and with which weights."""
+    from soupkit import __version__
+
+    spec = plan.spec
+    refs = [ing.model for ing in spec.models]
+    front = "\n".join(["---", "library_name: transformers", "tags: [soupkit, merge, model-soup]",
+                       "base_model:", *[f"  - {r}" for r in refs], "---", ""])
+    rows = [f"| {i} | `{ing.model}` | {_weight_text(plan, i)} |" for i, ing in enumerate(spec.models)]
+    lines = [
+        f"# {plan.output.name}", "",
+        f"A `{spec.method}` merge of {len(refs)} models made with soupkit {__version__} on "
+        f"{_dt.date.today().isoformat()}.", "",
+        "| # | model | weight |", "|---|---|---|", *rows, "",
+        f"- output dtype: {CONFIG_DTYPE.get(dtype or '', dtype)}",
+        f"- base (config and tokenizer source): `{plan.source.ref}`",
+        f"- tensors: {len(plan.names)}; decoder layers: {plan.num_layers}",
+        "- the exact recipe is in `soupkit_recipe.yaml`", "",
+    ]
+    return front + "\n".join(lines)
+
+
+def _weight_text(plan: MergePlan, i: int) -> str:
+    weight = plan.spec.models[i].weight
+    if plan.native and not isinstance(weight, (list, dict)):
+        first = plan.weights[plan.names[0]][i] if plan.names else 0.0
+        return f"{first:.6g} (normalised)"
+    return f"`{weight}`" if weight is not None else "-"
