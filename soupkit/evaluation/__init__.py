@@ -1,0 +1,1 @@
+"""Evaluation of aligned policies: rewards, win rates, KL, and their statistics."""
