@@ -1,0 +1,235 @@
+"""``soupkit inspect``: check the inputs, measure, and write the JSON report and plots.
+
+Order of work: every check that can fail on bad input (checkpoints, architecture, vocabulary,
+tensor names, prompts file, reward, outputs) runs before any weight is read; the weight-space pass
+streams the checkpoints; the output-space and path passes load the models with transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from soupkit.checkpoint import Checkpoint, check_output_free, open_checkpoint
+from soupkit.errors import SoupkitError
+from soupkit.merge.preflight import (
+    check_same_architecture,
+    check_same_tensors,
+    check_same_vocabulary,
+)
+
+Progress = Callable[[str, int, int], None]
+PAIR_KEYS = ("l2", "relative_l2", "cosine", "task_norm_a", "task_norm_b", "task_cosine", "sign_conflict")
+
+
+@dataclass
+class Inputs:
+    """Checked inputs. ``order`` is the computation order: the soup (if any) first."""
+
+    refs: list[str]
+    ckpts: list[Checkpoint]
+    base: Checkpoint | None
+    names: list[str]
+    texts: list[str] | None
+    soup: int | None
+    reward: Any
+
+    @property
+    def order(self) -> list[int]:
+        rest = [i for i in range(len(self.refs)) if i != self.soup]
+        return ([self.soup] if self.soup is not None else []) + rest
+
+    @property
+    def ingredients(self) -> list[int]:
+        return [i for i in range(len(self.refs)) if i != self.soup]
+
+    def close(self) -> None:
+        for ckpt in self.ckpts + ([self.base] if self.base else []):
+            ckpt.close()
+
+
+def _open(ref: str, what: str, allow_pickle: bool) -> Checkpoint:
+    try:
+        return open_checkpoint(ref, allow_pickle=allow_pickle, what=what)
+    except OSError as exc:
+        raise SoupkitError(f"{what} {ref!r}: cannot read ({exc.strerror or exc})") from None
+
+
+def recipe_ingredients(ckpt: Checkpoint) -> list[Path]:
+    """Resolved ingredient paths from a soup's ``soupkit_recipe.yaml``, or [] if not a soup."""
+    import yaml
+
+    path = ckpt.path / "soupkit_recipe.yaml"
+    if not path.is_file():
+        return []
+    try:
+        models = (yaml.safe_load(path.read_text()) or {}).get("merge", {}).get("models", [])
+    except (yaml.YAMLError, AttributeError):
+        return []
+    refs = [m.get("model") if isinstance(m, dict) else m for m in models]
+    return [Path(r).resolve() for r in refs if isinstance(r, str)]
+
+
+def find_soup(ckpts: Sequence[Checkpoint], soup: str | None) -> int | None:
+    """Index of the soup: the one named, else one whose recipe lists two or more of the others."""
+    resolved = [c.path.resolve() for c in ckpts]
+    if soup is not None:
+        target = Path(soup).resolve()
+        if target not in resolved:
+            raise SoupkitError(f"--soup {soup!r} is not one of the models given")
+        return resolved.index(target)
+    for i, ckpt in enumerate(ckpts):
+        found = set(recipe_ingredients(ckpt)) & (set(resolved) - {resolved[i]})
+        if len(found) >= 2:
+            return i
+    return None
+
+
+def prepare(models: Sequence[str], base: str | None, prompts: str | Path | None, path: bool,
+            reward: str | None, points: int, soup: str | None, allow_pickle: bool) -> Inputs:
+    """Open and check everything; raises ``SoupkitError`` before any weight is read."""
+    from soupkit.diagnostics.texts import read_texts
+
+    if len(models) < 2:
+        raise SoupkitError("inspect needs at least two models")
+    if (path or reward) and prompts is None:
+        raise SoupkitError("--path and --reward need --prompts (the texts the loss is measured on)")
+    if reward and not path:
+        raise SoupkitError("--reward scores samples along the interpolation path; add --path")
+    if points < 2:
+        raise SoupkitError(f"--points {points}: need at least 2 points on the path")
+    ckpts = [_open(m, f"model {i + 1}", allow_pickle) for i, m in enumerate(models)]
+    base_ckpt = _open(base, "--base", allow_pickle) if base else None
+    everyone = ckpts + ([base_ckpt] if base_ckpt else [])
+    check_same_architecture(everyone)
+    check_same_vocabulary(everyone)
+    names = check_same_tensors(everyone)
+    texts = read_texts(prompts) if prompts is not None else None
+    reward_fn = _reward(reward)
+    return Inputs(list(models), ckpts, base_ckpt, names, texts, find_soup(ckpts, soup), reward_fn)
+
+
+def _reward(spec: str | None) -> Any:
+    if spec is None:
+        return None
+    from soupkit.diagnostics.reward import load_reward
+
+    return load_reward(spec)
+
+
+def weight_pairs(inp: Inputs, progress: Progress | None) -> list[dict[str, Any]]:
+    """Weight-space stats of every pair, ``a`` before ``b`` in computation order."""
+    from soupkit.diagnostics.weights import weight_stats
+
+    order = inp.order
+    stats = weight_stats([inp.ckpts[i] for i in order], inp.base, inp.names, progress)
+    pairs = []
+    for (i, j), s in zip(combinations(order, 2), stats):
+        pairs.append({"a": inp.refs[i], "b": inp.refs[j], **{k: s[k] for k in PAIR_KEYS if k in s},
+                      "layers": s["layers"], "modules": s["modules"]})
+    return pairs
+
+
+def output_pass(inp: Inputs, pairs: list[dict[str, Any]], want_path: bool, points: int,
+                progress: Progress | None) -> dict[str, Any] | None:
+    """Output-space stats into ``pairs`` (in place); returns the path section if asked for."""
+    from soupkit.diagnostics.outputs import output_stats
+    from soupkit.diagnostics.texts import encode, load_lm, load_tokenizer, pad_id
+
+    tok = load_tokenizer(inp.ckpts[inp.order[0]].path)
+    ids = encode(tok, inp.texts or [])
+    lms = {i: load_lm(inp.ckpts[i].path, f"model {i + 1}") for i in inp.order}
+    stats, _ = output_stats([lms[i] for i in inp.order], ids, pad_id(tok), progress)
+    for pair, s in zip(pairs, stats):
+        pair.update(s)
+    if not want_path:
+        return None
+    return path_pass(inp, lms, tok, ids, points, progress)
+
+
+def path_pass(inp: Inputs, lms: dict[int, Any], tok: Any, ids: list[list[int]], points: int,
+              progress: Progress | None) -> dict[str, Any]:
+    """Line between the first two ingredients; plane when there are exactly three."""
+    from soupkit.diagnostics import path as P
+    from soupkit.diagnostics.reward import mean_reward
+    from soupkit.diagnostics.texts import load_lm, pad_id
+
+    corners = inp.ingredients[:3]
+    sources = [P.snapshot(lms[i]) for i in corners]
+    work = load_lm(inp.ckpts[corners[0]].path, "model")
+    score = mean_reward(inp.reward, tok, inp.texts or []) if inp.reward else None
+    out = {"a": inp.refs[corners[0]], "b": inp.refs[corners[1]],
+           **P.line(work, sources[:2], ids, pad_id(tok), points, score, progress)}
+    if len(inp.ingredients) == 3:
+        plane = P.plane(work, sources, ids, pad_id(tok), points, score, progress)
+        out["plane"] = {"models": [inp.refs[i] for i in corners], **plane}
+    return out
+
+
+def report(models: Sequence[str], *, base: str | None = None, prompts: str | Path | None = None,
+           path: bool = False, reward: str | None = None, points: int = 9, soup: str | None = None,
+           allow_pickle: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Measure ``models`` (paths or Hub ids) and return the JSON-ready report.
+
+    ``{"models": [...], "pairs": [{"a", "b", "l2", "relative_l2", "cosine", "task_cosine",
+    "sign_conflict", "kl", "kl_reverse", "js", "top1_agreement", "layers": [...], ...}],
+    "path": {...}}``; keys are absent when not computed. A soup's pairs put the soup as ``a``.
+    """
+    inp = prepare(models, base, prompts, path, reward, points, soup, allow_pickle)
+    try:
+        pairs = weight_pairs(inp, progress)
+        result: dict[str, Any] = {"models": inp.refs, "pairs": pairs}
+        if inp.texts is not None:
+            path_section = output_pass(inp, pairs, path, points, progress)
+            if path_section is not None:
+                result["path"] = path_section
+    finally:
+        inp.close()
+    return drop_none(result)
+
+
+def drop_none(value: Any) -> Any:
+    """The report with every None-valued key removed (undefined: a zero norm, nothing changed)."""
+    if isinstance(value, dict):
+        return {k: drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_none(v) for v in value]
+    return value
+
+
+def check_outputs(json_out: str | Path | None, plots: str | Path | None, force: bool) -> None:
+    """Refuse to overwrite an existing report or plots directory without ``force``."""
+    if json_out is not None and Path(json_out).exists() and not force:
+        raise SoupkitError(f"--json {json_out} already exists; pass --force to replace it")
+    if json_out is not None and Path(json_out).is_dir():
+        raise SoupkitError(f"--json {json_out} is a directory; give a file name")
+    if plots is not None:
+        check_output_free(Path(plots), force)
+
+
+def write_json(result: dict[str, Any], out: str | Path) -> None:
+    """Write the report atomically (temporary sibling, then rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+def run_inspect(models: Sequence[str], *, json_out: str | Path | None = None,
+                plots: str | Path | None = None, force: bool = False, **kw: Any) -> dict[str, Any]:
+    """``report(models, **kw)``, then the JSON file and plots; outputs are checked first."""
+    check_outputs(json_out, plots, force)
+    result = report(models, **kw)
+    if plots is not None:
+        from soupkit.diagnostics.plots import write_plots
+
+        write_plots(result, Path(plots), force)
+    if json_out is not None:
+        write_json(result, json_out)
+    return result

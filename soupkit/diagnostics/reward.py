@@ -1,0 +1,105 @@
+"""A minimal reward for ``inspect --path --reward``: sample completions, score them, average.
+
+``RM`` is a directory holding an ``AutoModelForSequenceClassification`` with one label (scored
+at the last real token of prompt + completion, not at a pad-id guess: models whose pad and EOS ids
+coincide would otherwise be scored on padding), or ``module:function`` with TRL's reward-function
+signature ``fn(prompts: list[str], completions: list[str], **kw) -> list[float]``
+(https://huggingface.co/docs/trl/main/en/rewards). ``soupkit.rlhf`` has the full reward machinery;
+this is deliberately small.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from soupkit.errors import SoupkitError
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+MAX_NEW_TOKENS = 32
+SEED = 0
+
+
+def load_reward(spec: str) -> RewardFn:
+    """A reward function from a model directory or ``module:function``; fails fast on bad input."""
+    if Path(spec).is_dir():
+        return _model_reward(Path(spec))
+    if ":" in spec:
+        return _callable_reward(spec)
+    raise SoupkitError(f"--reward {spec!r}: neither a reward-model directory nor module:function")
+
+
+def _callable_reward(spec: str) -> RewardFn:
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SoupkitError(f"--reward {spec!r}: cannot import ({exc})") from None
+    if not callable(fn):
+        raise SoupkitError(f"--reward {spec!r} is not callable")
+    return fn
+
+
+def _model_reward(path: Path) -> RewardFn:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - an unloadable reward model is bad input
+        raise SoupkitError(f"--reward {path}: cannot load a sequence-classification model ({exc})") from None
+    if model.config.num_labels != 1 or not hasattr(model, "score"):
+        raise SoupkitError(f"--reward {path}: expected one label and a 'score' head")
+    return lambda prompts, completions: score_last_token(model, tok, [p + c for p, c in zip(prompts, completions)])
+
+
+def score_last_token(model: Any, tok: Any, texts: list[str]) -> list[float]:
+    """Reward-model scores (b,) read at each text's last real token (right padding, own mask)."""
+    import torch
+
+    ids = [tok(t)["input_ids"] or [tok.eos_token_id or 0] for t in texts]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), tok.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(ids):
+        input_ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    trunk = getattr(model, model.base_model_prefix)
+    with torch.no_grad():
+        hidden = trunk(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        values = model.score(hidden)[..., 0]  # (b, t)
+    last = mask.sum(1) - 1
+    return values[torch.arange(len(ids)), last].tolist()
+
+
+def sample(model: Any, tok: Any, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    """One sampled completion per prompt (temperature 1, fixed seed: the same noise at each point)."""
+    import torch
+
+    torch.manual_seed(SEED)
+    tok.padding_side = "left"  # generation continues at the right edge of every row
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=True, top_k=0, max_new_tokens=max_new_tokens,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return [_join(tok.decode(row[enc.input_ids.shape[1]:], skip_special_tokens=True)) for row in out]
+
+
+def _join(completion: str) -> str:
+    """Completions start with a space so ``prompt + completion`` reads as text for word-level tokenizers."""
+    return completion if not completion or completion[0].isspace() else " " + completion
+
+
+def mean_reward(fn: RewardFn, tok: Any, prompts: list[str]) -> Callable[[Any], float]:
+    """``model -> mean reward of its sampled completions`` over ``prompts``."""
+
+    def score(model: Any) -> float:
+        completions = sample(model, tok, prompts)
+        values = fn(prompts, completions)
+        if len(values) != len(prompts):
+            raise SoupkitError(f"--reward returned {len(values)} scores for {len(prompts)} prompts")
+        return float(sum(values) / len(values))
+
+    return score
