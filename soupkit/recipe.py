@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from soupkit.errors import SoupkitError, did_you_mean
 
@@ -133,6 +133,202 @@ def _has_list(weight: Any) -> bool:
     return isinstance(weight, list)
 
 
+class AlignSpec(Strict):
+    """The ``align:`` section of a recipe: PPO against a frozen reference (``soupkit.rlhf.train``).
+
+    Defaults follow research/rlhf_anchors.md section 4 ([N] / [N+] / TRL 1.12's PPOConfig).
+    """
+
+    ref: list[str]
+    """Frozen KL reference: checkpoint dir or Hub id (a soup, an SFT model); default: merge.output."""
+    ref_mode: Literal["soup", "mean_kl"] = "soup"
+    """With several refs: ``soup`` averages their weights in memory; ``mean_kl`` averages their KLs."""
+    init: str | None = None
+    """Checkpoint the policy starts from; default: the (first) reference."""
+    reward: str
+    """Reward: a sequence-classification model dir, or ``module:function`` / ``file.py:function``."""
+    prompts: str
+    """Prompts: ``.jsonl`` (a ``prompt`` field), ``.txt`` (one per line) or a dataset dir/Hub id."""
+    prompt_field: str = "prompt"
+    """Field holding the prompt text in a ``.jsonl`` file or dataset."""
+    prompt_split: str = "train"
+    """Split to read when ``prompts`` is a Hub dataset."""
+    output: str | None = None
+    """Output directory (``--out`` overrides it)."""
+    watch: dict[str, str] = {}
+    """Extra models to log ``kl_<name>`` against each step, e.g. ``{sft: runs/sft-a}``."""
+    steps: int = Field(100, ge=1)
+    """PPO steps (one rollout batch each)."""
+    batch_size: int = Field(16, ge=1)
+    """Prompts per PPO step (per process)."""
+    max_prompt_tokens: int = Field(256, ge=1)
+    """Longer prompts keep their last tokens."""
+    max_new_tokens: int = Field(53, ge=1)
+    """Largest response length ([N+] TL;DR setting)."""
+    temperature: float = Field(0.7, gt=0)
+    """Sampling temperature; log-probs use logits divided by it too ([N] detail)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold (1 = off)."""
+    learning_rate: float = Field(3e-6, gt=0)
+    """Policy learning rate (3e-6: [N+], TRL #5174)."""
+    value_learning_rate: float | None = Field(None, gt=0)
+    """Critic learning rate; default: learning_rate."""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay over the steps, to 0 for linear and cosine."""
+    warmup_steps: int = Field(0, ge=0)
+    """Steps of linear warm-up before the schedule."""
+    adam_eps: float = Field(1e-5, gt=0)
+    """Adam epsilon ([N]: 1e-5)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    kl_coef: float = Field(0.05, ge=0)
+    """KL penalty coefficient beta (initial value when adaptive)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator (joschu.net/blog/kl-approx.html)."""
+    kl_target: float | None = Field(None, gt=0)
+    """Set to make beta adaptive (Ziegler et al. 2019), steering the sequence KL to this value."""
+    kl_horizon: float = Field(10000, gt=0)
+    """Adaptive controller horizon, in samples."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount factor."""
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    whiten_rewards: bool = False
+    """Scale per-token rewards to unit variance per batch (mean kept)."""
+    whiten_advantages: bool = True
+    """Normalise advantages per batch."""
+    clip_eps: float = Field(0.2, gt=0)
+    """Policy ratio clip range."""
+    value_clip_eps: float = Field(0.2, gt=0)
+    """Value clip range."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss."""
+    ppo_epochs: int = Field(4, ge=1)
+    """Optimisation passes over each rollout batch."""
+    minibatches: int = Field(1, ge=1)
+    """Minibatches per epoch (one optimiser step each)."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated into each minibatch step."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Gradient-norm clip (per model); null = off."""
+    target_kl: float | None = Field(None, gt=0)
+    """Stop a step's epochs early once approx_kl exceeds this."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of responses that did not end with EOS."""
+    forward_batch_size: int = Field(64, ge=1)
+    """Sequences per no-grad forward pass (reference, reward, watch models)."""
+    seed: int = 0
+    """Random seed (rank r uses seed + 100003 r)."""
+    save_every: int = Field(50, ge=0)
+    """Write a resumable checkpoint every N steps (0 = never)."""
+    keep_checkpoints: int = Field(2, ge=0)
+    """Checkpoints kept on disk (0 = all)."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint dirs (off: it runs arbitrary code)."""
+    runs: dict[str, dict[str, Any]] = {}
+    """For ``soupkit run``: named variants, each overriding align keys (``{ppo: {ref: runs/sft-a}}``)."""
+    seeds: list[int] = []
+    """For ``soupkit run``: repeat every run once per seed (default: ``[seed]``)."""
+    kl_coefs: list[float] = []
+    """For ``soupkit run``: repeat every run once per KL coefficient (default: ``[kl_coef]``)."""
+
+    @field_validator("ref", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _batch_split(self) -> AlignSpec:
+        if not self.ref:
+            raise ValueError("ref: at least one reference model is needed")
+        if self.batch_size % (self.minibatches * self.grad_accum):
+            raise ValueError(
+                f"batch_size {self.batch_size} must be divisible by minibatches x grad_accum "
+                f"({self.minibatches} x {self.grad_accum})"
+            )
+        return self
+
+
+class TrainSpec(Strict):
+    """Settings shared by the training stages (TRL trainers)."""
+
+    base: str
+    """Model to start from: checkpoint dir or Hub id."""
+    data: str
+    """Training data: ``.jsonl``/``.json`` file, saved dataset dir, or Hub dataset id."""
+    split: str = "train"
+    """Split to read from a Hub dataset."""
+    output: str
+    """Output directory."""
+    seed: int = 0
+    """Seed for initialisation and data order."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the data."""
+    learning_rate: float = Field(2e-5, gt=0)
+    """Peak learning rate (cosine decay)."""
+    batch_size: int = Field(8, ge=1)
+    """Examples per device per optimiser step."""
+    max_length: int = Field(1024, ge=8)
+    """Longer examples are truncated."""
+
+
+class SFTSpec(TrainSpec):
+    """One SFT ingredient run (``sft:`` is a list of these)."""
+
+    name: str
+    """Name of the run, e.g. ``sft-a``."""
+
+
+class RewardModelSpec(TrainSpec):
+    """The ``reward_model:`` section: a Bradley-Terry reward model on preference pairs."""
+
+    learning_rate: float = Field(1e-4, gt=0)
+    """Peak learning rate (cosine decay)."""
+
+
+class PathSpec(Strict):
+    """Reward and loss along the straight line between two models (``eval.path``)."""
+
+    a: str
+    """Model at alpha = 0."""
+    b: str
+    """Model at alpha = 1."""
+    points: int = Field(9, ge=2)
+    """Points over alpha in [-0.5, 1.5]."""
+
+
+class EvalSpec(Strict):
+    """The ``eval:`` section: every align run measured on held-out prompts."""
+
+    prompts: str
+    """Held-out prompts (``.jsonl``/``.txt``/dataset), never seen in training."""
+    prompt_field: str = "prompt"
+    """Field holding the prompt text."""
+    prompt_split: str = "test"
+    """Split to read when ``prompts`` is a Hub dataset."""
+    output: str
+    """Directory for results.json, report.md and plots."""
+    baseline: str | None = None
+    """Align run that win rates are measured against (default: the first run)."""
+    reward: str | None = None
+    """Reward model or function (default: ``align.reward``)."""
+    gold_reward: str | None = None
+    """Optional ``module:function`` judge that training never saw (the demo's hidden gold reward)."""
+    references: dict[str, str] = {}
+    """Models to report KL(policy || model) against, e.g. ``{sft-a: runs/sft-a, soup: runs/soup}``;
+    the first is the x-axis of the reward-KL frontier."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Response length (default: ``align.max_new_tokens``)."""
+    temperature: float | None = Field(None, gt=0)
+    """Sampling temperature (default: ``align.temperature``)."""
+    seed: int = 1234
+    """Sampling seed (the same for every policy)."""
+    bootstrap: int = Field(2000, ge=100)
+    """Bootstrap resamples for the intervals."""
+    path: PathSpec | None = None
+    """Also measure reward along the line between two models (e.g. SFT-A -> SFT-B)."""
+
+
 class Recipe(Strict):
     """A whole recipe file. Sections are optional; each command reads the one it needs."""
 
@@ -140,8 +336,25 @@ class Recipe(Strict):
     """A short name for the experiment."""
     description: str | None = None
     """Free text."""
+    sft: list[SFTSpec] | None = None
+    """SFT ingredient runs, e.g. two seeds of one recipe."""
+    reward_model: RewardModelSpec | None = None
+    """The proxy reward model."""
     merge: MergeSpec | None = None
     """How to make the soup."""
+    align: AlignSpec | None = None
+    """PPO against a frozen reference; ``align.ref`` defaults to ``merge.output``."""
+    eval: EvalSpec | None = None
+    """Held-out evaluation of the align runs."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ref_from_merge(cls, data: Any) -> Any:
+        # The one cross-section rule: "merge then align" needs no repeated path.
+        align, merge = (data.get("align"), data.get("merge")) if isinstance(data, dict) else (0, 0)
+        if isinstance(align, dict) and not align.get("ref") and isinstance(merge, dict) and merge.get("output"):
+            return {**data, "align": {**align, "ref": merge["output"]}}
+        return data
 
 
 # ---------------------------------------------------------------------------------------------

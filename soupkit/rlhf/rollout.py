@@ -1,0 +1,158 @@
+"""Sampling responses with a KV cache, and teacher-forced log-probs, entropies and values.
+
+Layout of a batch: ``query`` (b, p) left-padded prompts, ``response`` (b, t) right-padded tokens.
+``query_mask`` / ``response_mask`` are True on real tokens; a response ends at its first EOS
+(kept, and valid) and everything after it is padding ([N] "EOS trick", rlhf_anchors.md §4 #10).
+Forward passes use explicit ``position_ids = cumsum(mask) - 1`` so left padding does not shift
+positions ([N] detail; rlhf_anchors.md §4 #2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """One PPO batch, grouped by meaning (after OpenRLHF's ``Experience``).
+
+    Shapes: ``query`` (b, p), ``response`` / ``mask`` / ``logprobs`` / ``ref_logprobs`` /
+    ``values`` (b, t), ``ref_logprobs`` (b, r, t) for r references, ``scores`` (b,). ``mask`` is True on valid response tokens.
+    """
+
+    query: torch.Tensor
+    query_mask: torch.Tensor
+    response: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        """Prompt and response side by side. Shape: (b, p + t)."""
+        return torch.cat([self.query, self.response], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """True on the real tokens of ``sequences``. Shape: (b, p + t)."""
+        return torch.cat([self.query_mask, self.mask], dim=1)
+
+    def select(self, rows: torch.Tensor) -> Rollout:
+        """The rows ``rows`` of every tensor (a minibatch)."""
+        pick = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        pick["extra"] = {k: v[rows] for k, v in self.extra.items()}
+        return Rollout(**pick)
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """``cumsum(mask) - 1``, clamped at 0 for leading pads. Shapes: (b, s) -> (b, s)."""
+    return (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set logits outside the nucleus to -inf (Holtzman et al. 2019, arXiv 1904.09751).
+
+    Keeps the smallest set of most likely tokens whose probability reaches ``top_p`` (at least
+    one token). Shapes: (b, v) -> (b, v).
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already enough
+    sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row from ``softmax(logits / temperature)`` within the nucleus. (b, v) -> (b,)."""
+    probs = torch.softmax(top_p_filter(logits.float() / temperature, top_p), dim=-1)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
+    temperature: float, top_p: float, eos_id: int, pad_id: int,
+) -> torch.Tensor:
+    """Sample up to ``max_new_tokens`` per row with a KV cache; rows that hit EOS get ``pad_id``.
+
+    Stops early once every row has produced EOS. Shapes: (b, p), (b, p) -> (b, t <= max_new_tokens).
+    """
+    mask = query_mask.long()
+    positions = position_ids(mask)
+    out = model(input_ids=query, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    next_position = positions[:, -1:] + 1
+    done = torch.zeros(query.shape[0], dtype=torch.bool, device=query.device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        token = sample_next(out.logits[:, -1], temperature, top_p).masked_fill(done, pad_id)
+        tokens.append(token)
+        done |= token == eos_id
+        if bool(done.all()) or len(tokens) == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
+                    cache=out.cache, use_cache=True)
+        next_position = next_position + 1
+    return torch.stack(tokens, dim=1)
+
+
+def truncate_at_stop(response: torch.Tensor, stop_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each row up to and including its first ``stop_id``; pad the rest.
+
+    Returns ``(response, mask)`` with mask True on kept tokens. Shapes: (b, t) -> (b, t), (b, t).
+    """
+    is_stop = response == stop_id
+    stops_before = is_stop.long().cumsum(dim=1) - is_stop.long()  # stops strictly before t
+    mask = stops_before == 0
+    return response.masked_fill(~mask, pad_id), mask
+
+
+def response_logits(model, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """Temperature-scaled logits that predicted each response token. Shape: (b, t, v).
+
+    Dividing by the sampling temperature makes these the distribution the tokens were drawn
+    from ([N]: without it the KL rises faster than it should).
+    """
+    mask = rollout.attention_mask
+    t = rollout.response.shape[1]
+    out = model(input_ids=rollout.sequences, attention_mask=mask.long(),
+                position_ids=position_ids(mask), logits_to_keep=t + 1)
+    return out.logits[:, :-1].float() / temperature
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[token]``. Shapes: (b, t, v), (b, t) -> (b, t)."""
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` per position. Shapes: (b, t, v) -> (b, t)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def token_values(critic, rollout: Rollout) -> torch.Tensor:
+    """Value of the state before each response token: the scalar head on the hidden state that
+    predicts it (same positions as ``response_logits``). Shape: (b, t)."""
+    mask = rollout.attention_mask
+    t = rollout.response.shape[1]
+    hidden = critic.base_model(input_ids=rollout.sequences, attention_mask=mask.long(),
+                               position_ids=position_ids(mask)).last_hidden_state
+    return critic.score(hidden[:, -t - 1:-1]).squeeze(-1).float()
+
+
+def in_chunks(fn, rollout: Rollout, size: int) -> torch.Tensor:
+    """``fn`` applied to row chunks of at most ``size`` and concatenated (no-grad passes)."""
+    b = rollout.query.shape[0]
+    parts = [fn(rollout.select(torch.arange(i, min(i + size, b)))) for i in range(0, b, size)]
+    return torch.cat(parts, dim=0)

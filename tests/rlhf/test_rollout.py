@@ -1,0 +1,86 @@
+"""Sampling, EOS truncation and teacher-forced log-probs against torch.nn.functional and HF."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from soupkit.rlhf.rollout import (
+    Rollout,
+    entropy,
+    generate,
+    position_ids,
+    response_logits,
+    token_logprobs,
+    top_p_filter,
+    truncate_at_stop,
+)
+
+
+def test_truncate_at_stop_keeps_the_first_eos_and_pads_after():
+    response = torch.tensor([[5, 3, 7, 3], [5, 6, 7, 8], [3, 9, 9, 9]])
+    out, mask = truncate_at_stop(response, stop_id=3, pad_id=0)
+    assert out.tolist() == [[5, 3, 0, 0], [5, 6, 7, 8], [3, 0, 0, 0]]
+    assert mask.tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    kept = lambda p: torch.isfinite(top_p_filter(probs.log(), p)).tolist()  # noqa: E731
+    assert kept(0.7) == [[False, True, False, True]]  # 0.5 + 0.3 reaches 0.7
+    assert kept(0.5) == [[False, True, False, False]]
+    assert kept(1.0) == [[True] * 4]
+    renormalised = torch.softmax(top_p_filter(probs.log(), 0.7), dim=-1)
+    torch.testing.assert_close(renormalised, torch.tensor([[0.0, 0.625, 0.0, 0.375]]))
+
+
+def test_logprobs_and_entropy_match_torch_functional():
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
+    expected = -F.cross_entropy(logits.reshape(-1, 11), tokens.reshape(-1), reduction="none").reshape(2, 3)
+    torch.testing.assert_close(token_logprobs(logits, tokens), expected)
+    torch.testing.assert_close(entropy(logits), torch.distributions.Categorical(logits=logits).entropy())
+
+
+def test_position_ids_ignore_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+    assert position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
+
+
+def _left_padded_batch():
+    from tests.conftest import tokenizer
+
+    tok = tokenizer()
+    enc = tok(["the cat sat on the", "dog"], return_tensors="pt", padding=True, add_special_tokens=False)
+    return tok, enc["input_ids"], enc["attention_mask"]
+
+
+def test_cached_generation_at_low_temperature_equals_hf_greedy(sft_a):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(sft_a).eval()
+    tok, ids, mask = _left_padded_batch()
+    ours = generate(model, ids, mask, max_new_tokens=6, temperature=1e-4, top_p=1.0, eos_id=3, pad_id=0)
+    hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6,
+                        eos_token_id=3, pad_token_id=0)[:, ids.shape[1]:]
+    ours, _ = truncate_at_stop(ours, 3, 0)
+    hf, _ = truncate_at_stop(hf, 3, 0)
+    assert ours.tolist() == hf[:, :ours.shape[1]].tolist()
+
+
+def test_teacher_forced_logprobs_match_a_plain_forward(sft_a):
+    # The left-padded batched pass equals each row run alone without padding.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(sft_a).eval()
+    _, ids, mask = _left_padded_batch()
+    response = torch.tensor([[7, 8, 9], [10, 11, 0]])
+    roll = Rollout(ids, mask.bool(), response, torch.tensor([[True] * 3, [True, True, False]]))
+    with torch.no_grad():
+        logprobs = token_logprobs(response_logits(model, roll, temperature=0.7), response)
+        for i in range(2):
+            n = int(roll.mask[i].sum())
+            row = torch.cat([ids[i][mask[i].bool()], response[i, :n]])[None]
+            logits = model(input_ids=row).logits[0, -n - 1:-1] / 0.7
+            expected = torch.log_softmax(logits, -1).gather(-1, response[i, :n, None]).squeeze(-1)
+            torch.testing.assert_close(logprobs[i, :n], expected, atol=1e-5, rtol=1e-5)
