@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from soupkit.evaluation.stats import bootstrap, frontier, matched_kl, mean_ci, reward_at, win_rate, win_rate_ci
+from soupkit.evaluation.stats import (
+    bootstrap,
+    frontier,
+    matched_kl,
+    mean_ci,
+    reward_at,
+    win_rate,
+    win_rate_ci,
+)
 
 
 def test_win_rate_ties_count_half():

@@ -1,0 +1,214 @@
+"""``soupkit run RECIPE``: the recipe's stages in order, skipping the ones already complete.
+
+Stages: ``sft`` (each ingredient run), ``reward_model``, ``merge``, ``align`` (each named run x seed
+x kl_coef) and ``eval``. A unit of work is complete when its output holds ``.soupkit-complete``,
+written last, with a hash of the settings that made it. A unit whose output exists without the
+marker was interrupted and is redone (align runs resume from their newest checkpoint); one whose
+marker hash differs from the recipe is refused unless the stage is forced, so a changed recipe
+never silently reuses stale results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from soupkit.errors import SoupkitError
+from soupkit.recipe import AlignSpec, Recipe, load_recipe, to_plain
+
+STAGES = ("sft", "reward_model", "merge", "align", "eval")
+MARKER = ".soupkit-complete"
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work: a stage, a name, where it writes, and the settings it depends on."""
+
+    stage: str
+    name: str
+    output: Path
+    settings: dict[str, Any]
+    run: Callable[[bool], Any]
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def state(unit: Unit) -> str:
+    """``done``, ``stale`` (made by other settings), ``partial`` or ``new``."""
+    marker = unit.output / MARKER
+    if marker.is_file():
+        made_by = json.loads(marker.read_text()).get("fingerprint")
+        return "done" if made_by == fingerprint(unit.settings) else "stale"
+    return "partial" if unit.output.exists() else "new"
+
+
+def mark_complete(unit: Unit) -> None:
+    payload = {"stage": unit.stage, "name": unit.name, "fingerprint": fingerprint(unit.settings)}
+    (unit.output / MARKER).write_text(json.dumps(payload) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The units of each stage
+
+
+def expand_align(spec: AlignSpec) -> list[tuple[str, int, float, AlignSpec, Path]]:
+    """Every (method, seed, kl_coef) run of an align section, with its spec and output directory."""
+    from soupkit.recipe import validate
+
+    base = spec.model_dump(exclude={"runs", "seeds", "kl_coefs"})
+    root = Path(spec.output or "runs/align")
+    out = []
+    for name, overrides in (spec.runs or {"align": {}}).items():
+        # a run may narrow or widen the grid for itself (e.g. a kl_coef sweep for two methods only)
+        overrides = dict(overrides)
+        seeds = overrides.pop("seeds", None) or spec.seeds or [spec.seed]
+        coefs = overrides.pop("kl_coefs", None) or spec.kl_coefs or [spec.kl_coef]
+        for seed in seeds:
+            for coef in coefs:
+                path = root / name / f"seed-{seed}" if len(coefs) == 1 else root / name / f"kl-{coef:g}" / f"seed-{seed}"
+                data = {**base, **overrides, "seed": seed, "kl_coef": coef, "output": str(path)}
+                out.append((name, seed, coef, validate(AlignSpec, data, f"align.runs.{name}"), path))
+    return out
+
+
+def units(recipe: Recipe, log: Log) -> dict[str, list[Unit]]:
+    """The work each stage of ``recipe`` describes, in order."""
+    from soupkit.merge import run_merge
+    from soupkit.train import train_reward_model, train_sft
+
+    work: dict[str, list[Unit]] = {stage: [] for stage in STAGES}
+    for spec in recipe.sft or []:
+        work["sft"].append(Unit("sft", spec.name, Path(spec.output), to_plain(spec),
+                                lambda force, s=spec: train_sft(s, force=force)))
+    if recipe.reward_model:
+        rm = recipe.reward_model
+        work["reward_model"].append(Unit("reward_model", "reward_model", Path(rm.output), to_plain(rm),
+                                         lambda force: train_reward_model(rm, force=force)))
+    if recipe.merge:
+        m = recipe.merge
+        work["merge"].append(Unit("merge", "soup", Path(m.output or ""), to_plain(m),
+                                  lambda force: run_merge(m, force=force)))
+    if recipe.align:
+        work["align"] = [_align_unit(name, seed, coef, spec, path, log)
+                         for name, seed, coef, spec, path in expand_align(recipe.align)]
+    if recipe.eval:
+        work["eval"].append(Unit("eval", "eval", Path(recipe.eval.output),
+                                 {"eval": to_plain(recipe.eval), "align": to_plain(recipe.align) if recipe.align else None},
+                                 lambda force: run_eval(recipe, force=force)))
+    return work
+
+
+def _align_unit(name: str, seed: int, coef: float, spec: AlignSpec, path: Path, log: Log) -> Unit:
+    from soupkit.rlhf import train
+    from soupkit.rlhf.checkpoints import latest_checkpoint
+
+    def run(force: bool) -> Any:
+        resume = not force and latest_checkpoint(path) is not None
+        if resume:
+            log(f"  resuming {name} seed {seed} from {latest_checkpoint(path).name}")
+        elif path.exists():
+            shutil.rmtree(path)  # an interrupted run with no checkpoint yet: start it again
+        return train(spec, out=path, force=force, resume=resume)
+
+    return Unit("align", f"{name}/seed-{seed}/kl-{coef:g}", path, to_plain(spec), run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def run_pipeline(recipe: str | Path | Recipe, *, only: Iterable[str] = (), force: Iterable[str] = (),
+                 overrides: Iterable[str] = (), log: Log = print) -> dict[str, list[str]]:
+    """Run the stages of ``recipe`` in order; returns what happened to each unit, per stage."""
+    loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    only, force = _check_stages(only, "--only"), _check_stages(force, "--force")
+    plan = units(loaded, log)
+    _check_outputs(plan)
+    report: dict[str, list[str]] = {}
+    for stage in STAGES:
+        if only and stage not in only:
+            continue
+        report[stage] = [_run_unit(u, stage in force, log) for u in plan[stage]]
+    return report
+
+
+def _check_stages(stages: Iterable[str], flag: str) -> set[str]:
+    chosen = set(stages)
+    unknown = chosen - set(STAGES)
+    if unknown:
+        raise SoupkitError(f"{flag} {sorted(unknown)[0]!r}: unknown stage; stages are {', '.join(STAGES)}")
+    return chosen
+
+
+def _check_outputs(plan: dict[str, list[Unit]]) -> None:
+    seen: dict[Path, str] = {}
+    for stage in STAGES:
+        for unit in plan[stage]:
+            if not str(unit.output) or unit.output == Path():
+                raise SoupkitError(f"{stage} {unit.name}: no output directory")
+            key = unit.output.resolve()
+            if key in seen:
+                raise SoupkitError(f"{stage} {unit.name} and {seen[key]} write to the same directory {unit.output}")
+            seen[key] = f"{stage} {unit.name}"
+
+
+def _run_unit(unit: Unit, forced: bool, log: Log) -> str:
+    status = state(unit)
+    if status == "done" and not forced:
+        log(f"[{unit.stage}] {unit.name}: complete, skipped")
+        return "skipped"
+    if status == "stale" and not forced:
+        raise SoupkitError(f"[{unit.stage}] {unit.name}: {unit.output} was made with different settings; "
+                           f"pass --force {unit.stage} to redo it")
+    log(f"[{unit.stage}] {unit.name}: {'redoing' if status != 'new' else 'running'} -> {unit.output}")
+    unit.run(forced or status in ("partial", "stale") and unit.stage != "align")
+    mark_complete(unit)
+    return "ran"
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+
+
+def run_eval(recipe: Recipe, *, force: bool = False, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Evaluate every align run of ``recipe`` as its ``eval:`` section says (``soupkit eval``)."""
+    from soupkit.checkpoint import atomic_output_dir
+    from soupkit.evaluation.report import RunResult, evaluate
+    from soupkit.evaluation.sampling import Sampling
+    from soupkit.rlhf.prompts import load_prompts
+
+    spec, align = recipe.eval, recipe.align
+    if spec is None or align is None:
+        raise SoupkitError("eval needs both an align: and an eval: section")
+    runs = [RunResult(name, seed, coef, path / "final") for name, seed, coef, _, path in expand_align(align)]
+    missing = [str(r.path) for r in runs if not (r.path / "config.json").is_file()]
+    if missing:
+        raise SoupkitError(f"eval: align run output {missing[0]} is missing; run the align stage first")
+    prompts = load_prompts(spec.prompts, spec.prompt_field, spec.prompt_split)
+    how = Sampling(spec.max_new_tokens or align.max_new_tokens, spec.temperature or align.temperature,
+                   align.top_p, spec.seed)
+    baseline = spec.baseline or runs[0].method
+    if baseline not in {r.method for r in runs}:
+        raise SoupkitError(f"eval.baseline: {baseline!r} is not an align run ({', '.join(sorted({r.method for r in runs}))})")
+    with atomic_output_dir(Path(spec.output), force) as tmp:
+        path = _path_report(spec, spec.reward or align.reward) if spec.path else None
+        return evaluate(runs, prompts, tmp, how=how, reward=spec.reward or align.reward, gold=spec.gold_reward,
+                        references=spec.references, baseline=baseline, n_boot=spec.bootstrap, path=path,
+                        progress=progress)
+
+
+def _path_report(spec: Any, reward: str) -> dict[str, Any]:
+    """Loss and reward along alpha between ``path.a`` and ``path.b`` (soupkit inspect's path)."""
+    from soupkit.diagnostics.report import report
+
+    result = report([spec.path.a, spec.path.b], prompts=spec.prompts, path=True, reward=reward,
+                    points=spec.path.points)
+    return result["path"]

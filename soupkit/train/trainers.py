@@ -1,0 +1,111 @@
+"""SFT of an ingredient (TRL SFTTrainer) and Bradley-Terry reward models (TRL RewardTrainer).
+
+Each run has its own seed and data order (``seed`` drives both the initialisation of new heads and
+the shuffling), writes an HF-format model with tokenizer to a temporary sibling of ``output`` and
+renames it into place, with the resolved spec and a model card as provenance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from soupkit.checkpoint import atomic_output_dir, resolve_model_dir, write_provenance
+from soupkit.recipe import RewardModelSpec, SFTSpec, to_plain
+from soupkit.train.data import load_rows
+
+Progress = Callable[[int, int], None]
+SFT_COLUMNS = (("prompt", "completion"), ("messages",), ("text",))
+PREF_COLUMNS = (("chosen", "rejected"),)
+
+
+def _args(config_cls: Any, spec: Any, out: Path, **extra: Any) -> Any:
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+    return config_cls(
+        output_dir=str(out / "trainer"), seed=spec.seed, data_seed=spec.seed, learning_rate=spec.learning_rate,
+        num_train_epochs=spec.epochs, per_device_train_batch_size=spec.batch_size, max_length=spec.max_length,
+        save_strategy="no", report_to=[], logging_steps=10, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        bf16=False, gradient_checkpointing=False, lr_scheduler_type="cosine", warmup_steps=0, **extra,
+    )
+
+
+class _ProgressCallback:
+    """Forwards trainer steps to a ``progress(step, total)`` callback."""
+
+    def __new__(cls, progress: Progress) -> Any:
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - HF signature
+                progress(state.global_step, state.max_steps)
+
+        return Callback()
+
+
+def _fit(trainer: Any, progress: Progress | None) -> None:
+    if progress is not None:
+        trainer.add_callback(_ProgressCallback(progress))
+    with contextlib.redirect_stdout(io.StringIO()):  # HF prints a metrics dict at the end
+        trainer.train()
+
+
+def _save(trainer: Any, tokenizer: Any, tmp: Path, section: str, spec: Any, card: str) -> None:
+    import shutil
+
+    trainer.save_model(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; nobody should need to load it
+    write_provenance(tmp, {section: to_plain(spec)}, card)
+
+
+def train_sft(spec: SFTSpec, *, force: bool = False, progress: Progress | None = None) -> Path:
+    """Fine-tune ``spec.base`` on ``spec.data`` (prompt/completion, messages or text)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    base = resolve_model_dir(spec.base, f"sft[{spec.name}].base")
+    rows = load_rows(spec.data, spec.split, SFT_COLUMNS, f"sft[{spec.name}].data")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    with atomic_output_dir(Path(spec.output), force) as tmp:
+        model = AutoModelForCausalLM.from_pretrained(base)
+        args = _args(SFTConfig, spec, tmp, completion_only_loss=None)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+        _fit(trainer, progress)
+        card = f"# {spec.name}\n\nSFT of `{spec.base}` on `{spec.data}` (seed {spec.seed}) with soupkit.\n"
+        _save(trainer, tokenizer, tmp, "sft", spec, card)
+    return Path(spec.output)
+
+
+def train_reward_model(spec: RewardModelSpec, *, force: bool = False, progress: Progress | None = None) -> Path:
+    """Bradley-Terry reward model on ``spec.data`` (chosen/rejected, optional prompt)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    base = resolve_model_dir(spec.base, "reward_model.base")
+    rows = load_rows(spec.data, spec.split, PREF_COLUMNS, "reward_model.data")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    with atomic_output_dir(Path(spec.output), force) as tmp:
+        model = _reward_head(base, tokenizer, spec.seed, AutoModelForSequenceClassification)
+        args = _args(RewardConfig, spec, tmp)
+        trainer = RewardTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+        _fit(trainer, progress)
+        card = f"# reward model\n\nBradley-Terry reward model from `{spec.base}` on `{spec.data}` with soupkit.\n"
+        _save(trainer, tokenizer, tmp, "reward_model", spec, card)
+    return Path(spec.output)
+
+
+def _reward_head(base: Path, tokenizer: Any, seed: int, auto_cls: Any) -> Any:
+    import torch
+
+    torch.manual_seed(seed)  # the fresh scalar head is the only random part
+    model = auto_cls.from_pretrained(base, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model

@@ -1,0 +1,54 @@
+"""The reduced demo end to end: every stage, three methods, one seed, a report that reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from soupkit.demo import world
+from soupkit.demo.run import run_demo
+
+
+def test_gold_reward_hand_worked():
+    # on topic +1, two good adjectives +1, 11 words, nothing repeated, no other animal
+    assert world.gold_score("describe the fox :", "the fox is kind . the fox is very happy . [EOS]") == 2.0
+    # "sad" twice: -0.5 x 2 capped at 2, repeated "sad" -0.4, the dog -0.5, off topic 0
+    assert world.gold_score("describe the fox :", "the dog is sad . it is sad .") == pytest.approx(-1.0 - 0.4 - 0.5)
+    # 20 words: 6 beyond 14 cost 0.9; padding after EOS is ignored
+    long = "the fox is very kind and it sings near the park and it runs near the river and it ."
+    assert world.gold_score("tell me about the fox :", long + " [EOS] [PAD] [PAD]") == pytest.approx(1.5 - 0.15 * 6)
+
+
+def test_preferences_follow_gold_with_noise():
+    rows = world.preference_pairs(400, seed=0)
+    agree = sum(world.gold_score(r["prompt"], r["chosen"]) > world.gold_score(r["prompt"], r["rejected"]) for r in rows)
+    assert 0.7 < agree / len(rows) < 0.97  # mostly right, not always: the proxy must learn from noise
+
+
+def test_small_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    logs: list[str] = []
+    results = run_demo(out, small=True, log=logs.append)
+    assert set(results["methods"]) == {f"{m}@{c}" for m in ("ppo", "salsa", "salsa-from-soup") for c in (0.05, 0.2)}
+    assert results["methods"]["ppo@0.05"]["win_rate"] is None and results["baseline"] == "ppo"
+    assert results["methods"]["salsa@0.2"]["win_rate_against"] == "ppo@0.2"
+    assert results["frontier"]["swept"] == ["ppo", "salsa", "salsa-from-soup"]
+    for entry in results["methods"].values():
+        for key in ("reward", "gold", "kl_sft-a", "kl_soup", "length"):
+            est, lo, hi = entry[key]
+            assert lo <= est <= hi, key
+    # SALSA starts from SFT-A, so its KL to SFT-A is measured from the same start as PPO's;
+    # the soup-started run is the only one whose policy began at the soup.
+    assert (out / "eval" / "report.md").read_text().count("## Reading") == 1
+    assert {p.name for p in (out / "eval").glob("*.png")} >= {"gold.png", "reward.png", "reward_vs_kl.png", "path.png"}
+    for run in (f"{m}/kl-{c}" for m in ("ppo", "salsa", "salsa-from-soup") for c in (0.05, 0.2)):
+        lines = (out / "align" / run / "seed-0" / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 3 and {"kl_sft_a", "kl_soup"} <= set(json.loads(lines[0]))
+    first_ppo = json.loads((out / "align" / "ppo" / "kl-0.05" / "seed-0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first_ppo["kl"] == pytest.approx(0.0, abs=1e-6)  # init == ref at step 0
+    # run again: everything is complete and skipped
+    logs.clear()
+    run_demo(out, small=True, log=logs.append)
+    assert all("complete, skipped" in line for line in logs if line.startswith("["))
+    assert len([line for line in logs if line.startswith("[")]) == 12  # 3 sft, rm, merge, 6 align, eval

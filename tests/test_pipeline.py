@@ -1,0 +1,87 @@
+"""The pipeline: stages skipped when complete, redone when interrupted, refused when stale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from soupkit.errors import SoupkitError
+from soupkit.pipeline import MARKER, expand_align, run_pipeline
+from soupkit.recipe import load_recipe
+from tests.conftest import load_state
+
+
+def merge_recipe(tmp_path: Path, pair, weight_b: float = 1.0) -> Path:
+    recipe = {"merge": {"method": "weighted", "output": str(tmp_path / "soup"),
+                        "models": [{"model": str(pair[0]), "weight": 1.0}, {"model": str(pair[1]), "weight": weight_b}]}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_complete_stage_is_skipped(tmp_path, llama_pair):
+    recipe = merge_recipe(tmp_path, llama_pair)
+    assert run_pipeline(recipe, log=lambda _: None) == {s: [] for s in ("sft", "reward_model", "align", "eval")} | {"merge": ["ran"]}
+    stamp = (tmp_path / "soup" / "model.safetensors").stat().st_mtime_ns
+    assert run_pipeline(recipe, log=lambda _: None)["merge"] == ["skipped"]
+    assert (tmp_path / "soup" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_interrupted_stage_is_redone(tmp_path, llama_pair):
+    recipe = merge_recipe(tmp_path, llama_pair)
+    run_pipeline(recipe, log=lambda _: None)
+    (tmp_path / "soup" / MARKER).unlink()  # as if killed after the rename, before the marker
+    (tmp_path / "soup" / "model.safetensors").write_bytes(b"half a file")
+    assert run_pipeline(recipe, log=lambda _: None)["merge"] == ["ran"]
+    want = load_state(llama_pair[0])
+    got = load_state(tmp_path / "soup")
+    b = load_state(llama_pair[1])
+    name = "model.norm.weight"
+    assert got[name].equal(want[name] * 0.5 + b[name] * 0.5)
+
+
+def test_changed_settings_need_force(tmp_path, llama_pair):
+    run_pipeline(merge_recipe(tmp_path, llama_pair), log=lambda _: None)
+    changed = merge_recipe(tmp_path, llama_pair, weight_b=3.0)
+    with pytest.raises(SoupkitError, match=r"\[merge\] soup: .* different settings; pass --force merge"):
+        run_pipeline(changed, log=lambda _: None)
+    assert run_pipeline(changed, force=["merge"], log=lambda _: None)["merge"] == ["ran"]
+    marker = json.loads((tmp_path / "soup" / MARKER).read_text())
+    assert marker["stage"] == "merge"
+
+
+def test_only_and_unknown_stage(tmp_path, llama_pair):
+    recipe = merge_recipe(tmp_path, llama_pair)
+    assert run_pipeline(recipe, only=["align"], log=lambda _: None) == {"align": []}
+    assert not (tmp_path / "soup").exists()
+    with pytest.raises(SoupkitError, match="--only 'merj': unknown stage"):
+        run_pipeline(recipe, only=["merj"], log=lambda _: None)
+
+
+def test_align_grid_expands_runs_seeds_and_coefs(tmp_path):
+    recipe = load_recipe({"align": {"ref": "soup", "reward": "rm", "prompts": "p.txt", "output": str(tmp_path / "al"),
+                                    "runs": {"ppo": {"ref": "sft-a"}, "salsa": {}}, "seeds": [0, 1],
+                                    "kl_coefs": [0.05, 0.2]}})
+    grid = expand_align(recipe.align)
+    assert len(grid) == 2 * 2 * 2
+    name, seed, coef, spec, path = grid[0]
+    assert (name, seed, coef, spec.ref, spec.kl_coef, spec.seed) == ("ppo", 0, 0.05, ["sft-a"], 0.05, 0)
+    assert path == tmp_path / "al" / "ppo" / "kl-0.05" / "seed-0"
+    assert grid[-1][3].ref == ["soup"] and grid[-1][4] == tmp_path / "al" / "salsa" / "kl-0.2" / "seed-1"
+
+
+def test_align_run_with_a_misspelt_override_is_named(tmp_path):
+    recipe = load_recipe({"align": {"ref": "soup", "reward": "rm", "prompts": "p.txt",
+                                    "runs": {"ppo": {"reff": "sft-a"}}}})
+    with pytest.raises(SoupkitError, match=r"align\.runs\.ppo: reff: unknown key \(did you mean 'ref'\?\)"):
+        expand_align(recipe.align)
+
+
+def test_two_stages_writing_one_directory_is_refused(tmp_path, llama_pair):
+    recipe = {"merge": {"models": [str(p) for p in llama_pair], "output": str(tmp_path / "x")},
+              "reward_model": {"base": str(llama_pair[0]), "data": "d.jsonl", "output": str(tmp_path / "x")}}
+    with pytest.raises(SoupkitError, match="write to the same directory"):
+        run_pipeline(load_recipe(recipe), log=lambda _: None)
