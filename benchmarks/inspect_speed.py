@@ -17,10 +17,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import build_llama_pair, run_sampled, warm  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PLAIN = '''
@@ -33,58 +34,6 @@ for name in a:
     aa += float(x @ x); bb += float(y @ y); ab += float(x @ y); dd += float((x - y) @ (x - y))
 print(json.dumps({"l2": dd ** 0.5, "cosine": ab / (aa * bb) ** 0.5}))
 '''
-
-
-def build_models(work: Path) -> list[Path]:
-    """Two random bf16 Llama checkpoints (hidden 768, 12 layers, vocab 32000, untied: 134M params)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                         num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=False)
-    paths = []
-    for seed in (0, 1):
-        path = work / f"model-{seed}"
-        if not (path / "model.safetensors").exists():
-            torch.manual_seed(seed)
-            with torch.device("meta"):
-                model = LlamaForCausalLM(config)
-            model = model.to_empty(device="cpu").to(torch.bfloat16)
-            for p in model.parameters():
-                torch.nn.init.normal_(p, 0.0, 0.02)
-            model.save_pretrained(path)
-        paths.append(path)
-    return paths
-
-
-def rss_anon(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("RssAnon:")), 0)
-    except (FileNotFoundError, ProcessLookupError):
-        return 0
-
-
-def run_sampled(cmd: list[str]) -> tuple[float, int, str]:
-    """Wall seconds, peak RssAnon (bytes) and stdout of a whole process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, rss_anon(proc.pid))
-        time.sleep(0.005)
-    wall = time.perf_counter() - start
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd[:3]} failed: {err.decode()[-2000:]}")
-    return wall, peak, out.decode()
-
-
-def warm(paths: list[Path]) -> None:
-    for p in paths:
-        with open(p / "model.safetensors", "rb") as f:
-            while f.read(1 << 24):
-                pass
 
 
 def commands(work: Path, a: Path, b: Path) -> dict[str, list[str]]:
@@ -102,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    a, b = build_models(work)
+    a, b = build_llama_pair(work)
     cmds = commands(work, a, b)
     results: dict[str, list[tuple[float, int]]] = {name: [] for name in cmds}
     plain_out = ""

@@ -21,62 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import build_llama_pair, run_sampled, warm  # noqa: E402
+
 BIN = Path(sys.executable).parent
-
-
-def build_models(work: Path) -> list[Path]:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                         num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=False)
-    paths = []
-    for seed in (0, 1):
-        path = work / f"model-{seed}"
-        if not (path / "model.safetensors").exists():
-            torch.manual_seed(seed)
-            with torch.device("meta"):
-                model = LlamaForCausalLM(config)
-            model = model.to_empty(device="cpu").to(torch.bfloat16)
-            for p in model.parameters():
-                torch.nn.init.normal_(p, 0.0, 0.02)
-            model.save_pretrained(path)
-        paths.append(path)
-    return paths
-
-
-def run_sampled(cmd: list[str], cwd: Path) -> tuple[float, int]:
-    """Wall seconds and peak RssAnon (bytes) of a whole process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, rss_anon(proc.pid))
-        time.sleep(0.005)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd[0]} failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, peak
-
-
-def rss_anon(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
-
-
-def warm(paths: list[Path]) -> float:
-    start = time.perf_counter()
-    for p in paths:
-        with open(p / "model.safetensors", "rb") as f:
-            while f.read(1 << 24):
-                pass
-    return time.perf_counter() - start
 
 
 def write_recipes(work: Path, a: Path, b: Path) -> None:
@@ -122,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    a, b = build_models(work)
+    a, b = build_llama_pair(work)
     write_recipes(work, a, b)
     cmds = commands(work)
     results: dict[str, list[tuple[float, int]]] = {name: [] for name in cmds}
@@ -132,7 +80,7 @@ def main() -> None:
         for name in order:
             shutil.rmtree(work / f"out-{name}", ignore_errors=True)
             warm([a, b])
-            results[name].append(run_sampled(cmds[name], work))
+            results[name].append(run_sampled(cmds[name], work)[:2])
         warm([a, b])
         floors.append(cat_floor([a, b]))
     report(results, floors, same_weights(work), work)

@@ -1,0 +1,62 @@
+"""Shared by the benchmarks: the ~134M-parameter test checkpoints and whole-process measurement."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+
+def build_llama_pair(work: Path) -> list[Path]:
+    """Two random bf16 Llama checkpoints (hidden 768, 12 layers, vocab 32000, untied: 134M params),
+    built once from a config and reused."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                         num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=False)
+    paths = []
+    for seed in (0, 1):
+        path = work / f"model-{seed}"
+        if not (path / "model.safetensors").exists():
+            torch.manual_seed(seed)
+            with torch.device("meta"):
+                model = LlamaForCausalLM(config)
+            model = model.to_empty(device="cpu").to(torch.bfloat16)
+            for p in model.parameters():
+                torch.nn.init.normal_(p, 0.0, 0.02)
+            model.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def rss_anon(pid: int) -> int:
+    """Anonymous resident memory of a process in bytes (0 once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("RssAnon:")), 0)
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+
+
+def run_sampled(cmd: list[str], cwd: Path | None = None) -> tuple[float, int, str]:
+    """Wall seconds, peak RssAnon (bytes, sampled every 5 ms) and stdout of a whole process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, rss_anon(proc.pid))
+        time.sleep(0.005)
+    wall = time.perf_counter() - start
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[:3]} failed: {err.decode()[-2000:]}")
+    return wall, peak, out.decode()
+
+
+def warm(paths: list[Path]) -> None:
+    """Read each checkpoint once so runs start from a warm page cache."""
+    for p in paths:
+        with open(p / "model.safetensors", "rb") as f:
+            while f.read(1 << 24):
+                pass
