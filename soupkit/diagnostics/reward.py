@@ -10,7 +10,6 @@ this is deliberately small.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,23 +22,16 @@ SEED = 0
 
 
 def load_reward(spec: str) -> RewardFn:
-    """A reward function from a model directory or ``module:function``; fails fast on bad input."""
+    """A reward function from a model directory or ``module:function`` / ``file.py:function``
+    (the loaders of ``soupkit.rlhf.reward``); fails fast on bad input."""
+    from soupkit.rlhf.reward import is_function_ref, load_reward_fn
+
     if Path(spec).is_dir():
         return _model_reward(Path(spec))
-    if ":" in spec:
-        return _callable_reward(spec)
+    if is_function_ref(spec):
+        fn = load_reward_fn(spec)
+        return lambda prompts, completions: fn(prompts, completions)
     raise SoupkitError(f"--reward {spec!r}: neither a reward-model directory nor module:function")
-
-
-def _callable_reward(spec: str) -> RewardFn:
-    module_name, _, attr = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise SoupkitError(f"--reward {spec!r}: cannot import ({exc})") from None
-    if not callable(fn):
-        raise SoupkitError(f"--reward {spec!r} is not callable")
-    return fn
 
 
 def _model_reward(path: Path) -> RewardFn:
@@ -60,18 +52,15 @@ def score_last_token(model: Any, tok: Any, texts: list[str]) -> list[float]:
     """Reward-model scores (b,) read at each text's last real token (right padding, own mask)."""
     import torch
 
+    from soupkit.rlhf.reward import last_token_scores
+
     ids = [tok(t)["input_ids"] or [tok.eos_token_id or 0] for t in texts]
     width = max(map(len, ids))
     input_ids = torch.full((len(ids), width), tok.pad_token_id or 0, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
     for i, row in enumerate(ids):
-        input_ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-    trunk = getattr(model, model.base_model_prefix)
-    with torch.no_grad():
-        hidden = trunk(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        values = model.score(hidden)[..., 0]  # (b, t)
-    last = mask.sum(1) - 1
-    return values[torch.arange(len(ids)), last].tolist()
+        input_ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), True
+    return last_token_scores(model, input_ids, mask).tolist()
 
 
 def sample(model: Any, tok: Any, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:

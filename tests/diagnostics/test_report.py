@@ -135,7 +135,7 @@ def test_bad_options(outs, family, texts_file, tmp_path):
     clean_error(invoke(outs, a, b, "--prompts", texts_file, "--reward", "x:y"), "add --path")
     clean_error(invoke(outs, a, b, "--prompts", texts_file, "--path", "--points", "1"), "--points 1")
     clean_error(invoke(outs, a, b, "--prompts", texts_file, "--path", "--reward", "no_such_mod:f"),
-                "--reward 'no_such_mod:f': cannot import")
+                "reward 'no_such_mod:f': cannot import")
     clean_error(invoke(outs, a, b, "--prompts", texts_file, "--path", "--reward", tmp_path / "rm"),
                 "neither a reward-model directory nor module:function")
     clean_error(invoke(outs, a, b, "--soup", tmp_path), "--soup .* is not one of the models")
