@@ -2,7 +2,11 @@
 
 Public API (heavy modules load on first use, so ``import soupkit`` stays fast)::
 
-    soupkit.run_merge(recipe_or_path, out=None, force=False) -> Path
+    soupkit.run_merge(recipe_or_path, out=None, force=False) -> Path          # soupkit merge
+    soupkit.inspect(models, base=None, prompts=None, path=False, ...) -> dict  # soupkit inspect
+    soupkit.align(spec, out=None, force=False, resume=False) -> Path           # soupkit align
+    soupkit.run_pipeline(recipe, only=(), force=()) -> dict                    # soupkit run
+    soupkit.run_eval(recipe) -> dict                                           # soupkit eval
     soupkit.load_recipe(path, overrides=()) -> Recipe
     soupkit.SoupkitError
 """
@@ -15,10 +19,15 @@ from soupkit.errors import SoupkitError
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["SoupkitError", "__version__", "load_recipe", "run_merge"]
+__all__ = ["SoupkitError", "__version__", "align", "inspect", "load_recipe", "run_eval", "run_merge",
+           "run_pipeline"]
 
 _LAZY = {
     "run_merge": ("soupkit.merge", "run_merge"),
+    "inspect": ("soupkit.diagnostics.report", "report"),
+    "align": ("soupkit.rlhf.trainer", "train"),
+    "run_pipeline": ("soupkit.pipeline", "run_pipeline"),
+    "run_eval": ("soupkit.pipeline", "run_eval"),
     "load_recipe": ("soupkit.recipe", "load_recipe"),
 }
 

@@ -32,3 +32,15 @@ def test_mergekit_recipe_parameters_are_valid():
 
     recipe = load_recipe(ROOT / "recipes" / "ties.yaml")
     mergekit_backend.validate(recipe.merge)
+
+
+def test_public_api_resolves_to_the_library_functions():
+    import soupkit
+    from soupkit.diagnostics.report import report
+    from soupkit.merge import run_merge
+    from soupkit.pipeline import run_eval, run_pipeline
+    from soupkit.rlhf.trainer import train
+
+    assert (soupkit.run_merge, soupkit.inspect, soupkit.align) == (run_merge, report, train)
+    assert (soupkit.run_pipeline, soupkit.run_eval) == (run_pipeline, run_eval)
+    assert sorted(soupkit.__all__) == soupkit.__all__ and all(hasattr(soupkit, n) for n in soupkit.__all__)
