@@ -111,18 +111,28 @@ def align(
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
     watch: Annotated[list[str] | None, typer.Option("--watch", help="Also log kl_NAME against model PATH: NAME=PATH.")] = None,
     save_every: Annotated[int | None, typer.Option("--save-every", help="Checkpoint every N steps (0 = never).")] = None,
+    lora_rank: Annotated[int | None, typer.Option("--lora-rank", help="Train a LoRA adapter of this rank (0 = full).")] = None,
+    bf16: Annotated[bool, typer.Option("--bf16", help="Frozen models in bf16, forwards under bf16 autocast.")] = False,
+    offload_frozen: Annotated[bool, typer.Option("--offload-frozen", help="Keep ref/reward/watch models on the CPU between passes.")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in backward.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a setting: align.kl_estimator=k3.")] = None,
 ) -> None:
-    """PPO on a policy with a per-token KL penalty against a frozen reference (a soup, an SFT model)."""
+    """PPO on a policy with a per-token KL penalty against a frozen reference (a soup, an SFT model).
+
+    Data parallel: torchrun --nproc_per_node N -m soupkit align ... (or accelerate launch -m soupkit align ...).
+    """
     from soupkit.rlhf import build_spec, train
     from soupkit.rlhf.config import parse_watch
+    from soupkit.rlhf.trainer import is_main_process
 
     flags = dict(ref=ref, reward=reward, prompts=prompts, init=init, steps=steps, batch_size=batch_size,
                  max_new_tokens=max_new_tokens, learning_rate=learning_rate, kl_coef=kl_coef,
                  ppo_epochs=ppo_epochs, minibatches=minibatches, seed=seed, save_every=save_every,
-                 watch=parse_watch(watch or []), output=str(out) if out else None)
+                 watch=parse_watch(watch or []), output=str(out) if out else None, lora_rank=lora_rank,
+                 bf16=bf16 or None, offload_frozen=offload_frozen or None,
+                 gradient_checkpointing=gradient_checkpointing or None)
     spec = build_spec(recipe, flags, set_ or [])
     bar = _steps_progress()  # started on the first step, so input errors print without a bar
     task = bar.add_task("align", total=spec.steps, reward=float("nan"), kl=float("nan"))
@@ -135,7 +145,8 @@ def align(
         final = train(spec, resume=resume, force=force, progress=progress)
     finally:
         bar.stop()
-    _console().print(f"[green]wrote[/] {final}  (metrics: {final.parent / 'metrics.jsonl'})")
+    if is_main_process():  # one line per run, not per process
+        _console().print(f"[green]wrote[/] {final}  (metrics: {final.parent / 'metrics.jsonl'})")
 
 
 def _steps_progress() -> Any:

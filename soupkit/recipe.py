@@ -218,13 +218,25 @@ class AlignSpec(Strict):
     forward_batch_size: int = Field(64, ge=1)
     """Sequences per no-grad forward pass (reference, reward, watch models)."""
     seed: int = 0
-    """Random seed (rank r uses seed + 100003 r)."""
+    """Random seed; sampling noise is keyed by (seed, step, global row), the same for any process count."""
     save_every: int = Field(50, ge=0)
     """Write a resumable checkpoint every N steps (0 = never)."""
     keep_checkpoints: int = Field(2, ge=0)
     """Checkpoints kept on disk (0 = all)."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint dirs (off: it runs arbitrary code)."""
+    lora_rank: int = Field(0, ge=0)
+    """LoRA rank of the policy (peft; 0 = full fine-tuning); with init == ref the ref is the base, adapter off."""
+    lora_alpha: float = Field(16.0, gt=0)
+    """LoRA scale numerator: the adapter's update is scaled by lora_alpha / lora_rank."""
+    lora_target_modules: list[str] | str = "all-linear"
+    """Modules that get LoRA adapters: a list of names, or peft's ``all-linear``."""
+    bf16: bool = False
+    """Frozen weights (refs, reward, watch, a LoRA base) in bfloat16, forwards under bf16 autocast; trained weights stay fp32."""
+    offload_frozen: bool = False
+    """Keep ref, reward and watch models on the CPU, moved to the accelerator only for their forward passes."""
+    gradient_checkpointing: bool = False
+    """Recompute policy and critic activations in the backward pass: less memory, one more forward."""
     runs: dict[str, dict[str, Any]] = {}
     """For ``soupkit run``: named variants, each overriding align keys (``{ppo: {ref: runs/sft-a}}``)."""
     seeds: list[int] = []

@@ -26,8 +26,14 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     ``shift_mean=False`` is how [N]/[N+] whiten rewards: only the scale changes, so a reward's sign
     (and the KL penalty's direction) is kept. Shapes: (b, t), (b, t) -> (b, t).
     """
-    mean = masked_mean(x, mask)
-    scaled = (x - mean) * torch.rsqrt(masked_var(x, mask) + eps)
+    return whiten_with(x, mask, masked_mean(x, mask), masked_var(x, mask), shift_mean, eps)
+
+
+def whiten_with(x: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """``whiten`` with the statistics given: under data parallelism they are those of the global
+    batch, so every process scales its rows alike. Shapes: (b, t), (b, t), (), () -> (b, t)."""
+    scaled = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         scaled = scaled + mean
     return scaled * mask

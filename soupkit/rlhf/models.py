@@ -4,11 +4,17 @@
 well under a second, before any weights load. ``load_models`` then builds the policy (trainable),
 the critic (trainable, a separate value model), and the frozen reference(s), reward model and
 watch models, all in eval mode so dropout is off ([N] detail 3).
+
+Memory modes (``AlignSpec``): a LoRA policy whose reference, when it is the policy's start, is the
+same weights with the adapter disabled; frozen models in bf16 and/or parked on the CPU between
+their forward passes; gradient checkpointing of the trained models.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,21 +99,126 @@ class ValueModel(torch.nn.Module):
 
 
 def load_models(spec: AlignSpec, sources: Sources, device: Any, resume_dir: Path | None = None) -> Models:
-    """Load every model onto ``device``; from ``resume_dir`` (a checkpoint) for policy and critic."""
+    """Load every model; from ``resume_dir`` (a checkpoint) for policy and critic. Trained models
+    go to ``device``; frozen ones too, or to the CPU with ``offload_frozen``."""
     tokenizer = load_tokenizer(sources.init, spec.trust_remote_code)
     check_prompts(tokenizer, sources.prompts)
     for path in sources.refs + list(sources.watch.values()):
         check_same_vocab(tokenizer, path, spec.trust_remote_code)
-    policy_dir = resume_dir / "policy" if resume_dir else sources.init
-    policy = _causal_lm(policy_dir, spec, device)
-    reward = _reward(spec, sources, tokenizer, device)
-    critic = _critic(spec, sources, reward, resume_dir, device)
-    # A reference that is the policy's own start is copied, not read from disk twice.
-    refs = [freeze(copy.deepcopy(policy) if p == policy_dir else _causal_lm(p, spec, device)) for p in sources.refs]
+    home = torch.device("cpu") if spec.offload_frozen else device
+    policy = _policy(spec, sources, device, resume_dir).eval()
+    reward = _reward(spec, sources, tokenizer, home)
+    critic = _critic(spec, sources, reward, resume_dir, device).eval()
+    refs = [_reference(p, spec, sources, policy, resume_dir, home) for p in sources.refs]
     if len(refs) > 1 and spec.ref_mode == "soup":
         refs = [soup_in_memory(refs)]
-    watch = {name: freeze(_causal_lm(p, spec, device)) for name, p in sources.watch.items()}
-    return Models(policy.eval(), critic.eval(), refs, tokenizer, reward, watch)
+    watch = {name: _reference(p, spec, sources, policy, resume_dir, home) for name, p in sources.watch.items()}
+    if spec.gradient_checkpointing:
+        checkpoint_layers(policy)
+        checkpoint_layers(critic.seq_cls)
+    return Models(policy, critic, refs, tokenizer, reward, watch)
+
+
+def frozen_dtype(spec: AlignSpec) -> torch.dtype:
+    return torch.bfloat16 if spec.bf16 else torch.float32
+
+
+def _policy(spec: AlignSpec, sources: Sources, device: Any, resume_dir: Path | None) -> Any:
+    """The full model (fp32: the optimiser's master weights), or a LoRA adapter on a frozen base."""
+    if not spec.lora_rank:
+        return _causal_lm(resume_dir / "policy" if resume_dir else sources.init, spec, device)
+    base = _causal_lm(sources.init, spec, device, frozen_dtype(spec))
+    return with_lora(base, spec, resume_dir / "policy" if resume_dir else None)
+
+
+def with_lora(base: Any, spec: AlignSpec, adapter_dir: Path | None = None) -> Any:
+    """``base`` frozen with a trainable LoRA adapter (Hu et al. 2021, arXiv 2106.09685); B starts
+    at 0, so the policy starts exactly at the base. Dropout 0: every model runs in eval mode."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+    config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
+                        target_modules=spec.lora_target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(base, config)
+
+
+class AdapterDisabled:
+    """A LoRA policy read with its adapter switched off: the base weights, with no second copy
+    (TRL's PPO reference under PEFT, rlhf_anchors.md section 1.2). Called like a model."""
+
+    training = False
+
+    def __init__(self, peft_model: Any):
+        self.model = peft_model
+
+    def __call__(self, **kwargs: Any) -> Any:
+        with self.model.disable_adapter():
+            return self.model(**kwargs)
+
+
+def _reference(path: Path, spec: AlignSpec, sources: Sources, policy: Any, resume_dir: Path | None,
+               home: Any) -> Any:
+    """A frozen causal LM for ``path`` (a reference or a watch model), sharing weights when it can.
+
+    The policy's own start is the LoRA base with the adapter off, or a copy of the (not yet
+    trained) full policy. In the SALSA setting (init != ref) it is a separate frozen model: one
+    more copy of the weights, in bf16 with ``bf16``, on the CPU between passes with ``offload_frozen``.
+    """
+    shared_base = len(sources.refs) == 1 or spec.ref_mode == "mean_kl"  # a soup is built in place
+    if spec.lora_rank and path == sources.init and shared_base:
+        return AdapterDisabled(policy)
+    if path == sources.init and not spec.lora_rank and resume_dir is None:
+        return freeze(copy.deepcopy(policy).to(home, frozen_dtype(spec)))
+    return freeze(_causal_lm(path, spec, home, frozen_dtype(spec)))
+
+
+@contextmanager
+def visiting(model: Any, device: Any) -> Iterator[Any]:
+    """``model`` on ``device`` for one phase, then back where it lives (an offloaded frozen model).
+
+    A no-op when it already lives there, and always on a CPU-only machine.
+    """
+    param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    home = param.device if param is not None else None
+    moves = home is not None and home != torch.device(device)
+    if moves:
+        model.to(device)
+    try:
+        yield model
+    finally:
+        if moves:
+            model.to(home)
+
+
+def checkpoint_layers(model: Any) -> None:
+    """Gradient checkpointing (Chen et al. 2016, arXiv 1604.06174) with dropout still off.
+
+    transformers only checkpoints layers in training mode, so the decoder layers alone are flagged
+    as training (not recursively: their attention and MLP children stay in eval mode, no dropout).
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.training = True
+
+
+class PolicyAndValue(torch.nn.Module):
+    """Policy and critic as one module, so DDP / FSDP / DeepSpeed wrap and sync both in one
+    forward (accelerate's DeepSpeed path takes one model per ``prepare``; TRL's
+    ``PolicyAndValueWrapper`` does the same)."""
+
+    def __init__(self, policy: Any, critic: ValueModel):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int):
+        """Shapes: (b, s) x3 -> logits (b, logits_to_keep, v), values (b, s)."""
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             logits_to_keep=logits_to_keep).logits
+        return logits, self.critic(input_ids, attention_mask, position_ids)
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
@@ -159,14 +270,14 @@ def freeze(model: Any) -> Any:
     return model
 
 
-def _causal_lm(path: Path, spec: AlignSpec, device: Any) -> Any:
+def _causal_lm(path: Path, spec: AlignSpec, device: Any, dtype: torch.dtype = torch.float32) -> Any:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, trust_remote_code=spec.trust_remote_code).to(device)
+        path, dtype=dtype, trust_remote_code=spec.trust_remote_code).to(device)
 
 
-def _seq_cls(path: Path, spec: AlignSpec, device: Any) -> Any:
+def _seq_cls(path: Path, spec: AlignSpec, device: Any, dtype: torch.dtype = torch.float32) -> Any:
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
 
@@ -174,7 +285,7 @@ def _seq_cls(path: Path, spec: AlignSpec, device: Any) -> Any:
     logging.set_verbosity_error()  # a causal LM loaded this way "misses" its score head, by design
     try:
         return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=torch.float32, trust_remote_code=spec.trust_remote_code).to(device)
+            path, num_labels=1, dtype=dtype, trust_remote_code=spec.trust_remote_code).to(device)
     finally:
         logging.set_verbosity(verbosity)
 
@@ -182,7 +293,7 @@ def _seq_cls(path: Path, spec: AlignSpec, device: Any) -> Any:
 def _reward(spec: AlignSpec, sources: Sources, tokenizer: Any, device: Any) -> ModelReward | RewardFn:
     if sources.reward_fn is not None:
         return sources.reward_fn
-    model = freeze(_seq_cls(sources.reward_dir, spec, device))
+    model = freeze(_seq_cls(sources.reward_dir, spec, device, frozen_dtype(spec)))
     if not _has_tokenizer(sources.reward_dir) or _same_tokenizer_file(tokenizer, sources.reward_dir):
         return ModelReward(model, None)
     own = load_tokenizer(sources.reward_dir, spec.trust_remote_code)

@@ -76,14 +76,36 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
+def sample_by_uniform(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The token whose CDF interval holds ``uniform``: inverse-CDF sampling from the same
+    distribution as ``sample_next``, but driven by given noise. Shapes: (b, v), (b,) -> (b,).
+
+    Zero-probability tokens have empty intervals, so they are never drawn; scaling ``uniform`` by
+    the last CDF value keeps a rounding shortfall of the total below 1 from picking past the end.
+    """
+    probs = torch.softmax(top_p_filter(logits.float() / temperature, top_p), dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    token = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1), right=True)
+    return token.squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def sampling_uniforms(seed: int, step: int, positions: list[int], n: int) -> torch.Tensor:
+    """One U(0, 1) per (row, new token) from a generator keyed by (seed, step, global row), so a
+    row's response does not depend on which process samples it or how many there are. (b, n)."""
+    rows = [torch.rand(n, generator=torch.Generator().manual_seed(hash((seed, step, p)) % 2**63)) for p in positions]
+    return torch.stack(rows) if rows else torch.zeros(0, n)
+
+
 @torch.no_grad()
 def generate(
     model, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
-    temperature: float, top_p: float, eos_id: int, pad_id: int,
+    temperature: float, top_p: float, eos_id: int, pad_id: int, uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample up to ``max_new_tokens`` per row with a KV cache; rows that hit EOS get ``pad_id``.
 
-    Stops early once every row has produced EOS. Shapes: (b, p), (b, p) -> (b, t <= max_new_tokens).
+    ``uniforms`` (b, max_new_tokens), when given, drives the sampling (``sample_by_uniform``);
+    otherwise the global torch RNG does. Stops early once every row has produced EOS.
+    Shapes: (b, p), (b, p) -> (b, t <= max_new_tokens).
     """
     mask = query_mask.long()
     positions = position_ids(mask)
@@ -93,7 +115,10 @@ def generate(
     done = torch.zeros(query.shape[0], dtype=torch.bool, device=query.device)
     tokens = []
     for _ in range(max_new_tokens):
-        token = sample_next(out.logits[:, -1], temperature, top_p).masked_fill(done, pad_id)
+        logits = out.logits[:, -1]
+        token = (sample_next(logits, temperature, top_p) if uniforms is None
+                 else sample_by_uniform(logits, uniforms[:, len(tokens)], temperature, top_p))
+        token = token.masked_fill(done, pad_id)
         tokens.append(token)
         done |= token == eos_id
         if bool(done.all()) or len(tokens) == max_new_tokens:

@@ -2,8 +2,12 @@
 
 Each step reads as five numbered stages (rollout, score, advantages, optimise, control/log); the
 maths lives in small pure functions in the sibling modules. Built on ``accelerate.Accelerator``
-so the loop runs unchanged on a CPU, one GPU, or under ``accelerate launch``: only the main
-process writes metrics and checkpoints, and each rank samples with its own seed ([N]).
+so the loop runs unchanged on a CPU, one GPU, or under ``torchrun`` / ``accelerate launch``
+(data parallel): only the main process writes metrics and checkpoints.
+
+Data parallelism does not change the maths: ``batch_size`` prompts per process make a global batch
+whose prompts, sampling noise (keyed by seed, step and global row) and minibatch shuffles do not
+depend on the process count; whitening, loss normalisation and metrics use global-batch statistics.
 """
 
 from __future__ import annotations
@@ -22,11 +26,18 @@ from soupkit.checkpoint import atomic_output_dir, check_output_free, write_prove
 from soupkit.errors import SoupkitError
 from soupkit.recipe import AlignSpec
 from soupkit.rlhf import checkpoints as ckpt
-from soupkit.rlhf.advantage import explained_variance, gae, masked_mean, per_token_rewards, whiten
+from soupkit.rlhf.advantage import (
+    explained_variance,
+    gae,
+    masked_mean,
+    masked_var,
+    per_token_rewards,
+    whiten_with,
+)
 from soupkit.rlhf.config import lr_factor, micro_batch_size
 from soupkit.rlhf.kl import ESTIMATORS, AdaptiveKL, FixedKL
 from soupkit.rlhf.losses import policy_loss, value_loss
-from soupkit.rlhf.models import Models, Sources, load_models, preflight
+from soupkit.rlhf.models import Models, PolicyAndValue, Sources, load_models, preflight, visiting
 from soupkit.rlhf.prompts import batch_indices
 from soupkit.rlhf.reward import ModelReward, function_scores, missing_eos_penalty, model_scores
 from soupkit.rlhf.rollout import (
@@ -34,7 +45,9 @@ from soupkit.rlhf.rollout import (
     entropy,
     generate,
     in_chunks,
+    position_ids,
     response_logits,
+    sampling_uniforms,
     token_logprobs,
     truncate_at_stop,
 )
@@ -49,6 +62,8 @@ class Run:
     spec: AlignSpec
     sources: Sources
     models: Models
+    trained: Any
+    """Policy and critic as one ``PolicyAndValue``, wrapped by ``accelerator.prepare`` (DDP, ...)."""
     accelerator: Any
     optimizer: Any
     scheduler: Any
@@ -97,19 +112,35 @@ def setup(spec: AlignSpec, sources: Sources, out: Path, resume_dir: Path | None)
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # per-file load/save bars would drown the run's own progress
-    accelerator = Accelerator()
-    torch.manual_seed(spec.seed + 100003 * accelerator.process_index)
+    accelerator = Accelerator(cpu=_cpu_data_parallel())
+    torch.manual_seed(spec.seed)  # the same on every rank: any random init (LoRA's A) agrees
     models = load_models(spec, sources, accelerator.device, resume_dir)
     optimizer = _optimizer(spec, models)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(spec, step))
-    models.policy, models.critic, optimizer = accelerator.prepare(models.policy, models.critic, optimizer)
+    trained, optimizer = accelerator.prepare(PolicyAndValue(models.policy, models.critic), optimizer)
     kl_ctl = AdaptiveKL(spec.kl_coef, spec.kl_target, spec.kl_horizon) if spec.kl_target else FixedKL(spec.kl_coef)
-    run = Run(spec, sources, models, accelerator, optimizer, scheduler, kl_ctl, out)
+    run = Run(spec, sources, models, trained, accelerator, optimizer, scheduler, kl_ctl, out)
     if resume_dir is not None:
         _restore(run, resume_dir)
     elif accelerator.is_main_process:
         _clear_previous_run(out)
+    accelerator.wait_for_everyone()
     return run
+
+
+def _cpu_data_parallel() -> bool:
+    """Under torchrun without GPUs: accelerate joins the processes (gloo) only when told ``cpu``;
+    otherwise every process would run alone and write the same files (environment-checks.md)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def is_main_process() -> bool:
+    """True in the process that writes outputs (the only one, without torchrun/accelerate launch)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def _clear_previous_run(out: Path) -> None:
@@ -124,9 +155,10 @@ def _clear_previous_run(out: Path) -> None:
 
 def _optimizer(spec: AlignSpec, models: Models) -> torch.optim.Optimizer:
     """AdamW with eps 1e-5 ([N]); the critic may have its own learning rate ([S], OpenRLHF)."""
-    groups = [
-        {"params": list(models.policy.parameters()), "lr": spec.learning_rate},
-        {"params": list(models.critic.parameters()), "lr": spec.value_learning_rate or spec.learning_rate},
+    groups = [  # trainable only: a LoRA policy's frozen base takes no optimiser state
+        {"params": [p for p in models.policy.parameters() if p.requires_grad], "lr": spec.learning_rate},
+        {"params": [p for p in models.critic.parameters() if p.requires_grad],
+         "lr": spec.value_learning_rate or spec.learning_rate},
     ]
     return torch.optim.AdamW(groups, eps=spec.adam_eps, weight_decay=spec.weight_decay)
 
@@ -135,59 +167,88 @@ def ppo_step(run: Run, step: int) -> dict[str, Any]:
     """One PPO step on the batch of prompts for 0-based ``step``; returns its metrics."""
     spec, started = run.spec, time.perf_counter()
     learning_rate = run.optimizer.param_groups[0]["lr"]
-    prompts = [run.sources.prompts[i] for i in _my_indices(run, step)]
+    positions = _my_positions(run)
+    order = batch_indices(len(run.sources.prompts), len(positions) * run.accelerator.num_processes, step, spec.seed)
+    prompts = [run.sources.prompts[order[i]] for i in positions]
 
     # 1. Rollout: sample responses, cut at EOS, and read policy / reference / critic on them.
-    roll = rollout(run, prompts)
+    with bf16_autocast(run):
+        roll = rollout(run, prompts, sampling_uniforms(spec.seed, step, positions, spec.max_new_tokens))
 
     # 2. Score: sequence reward (+ missing-EOS penalty), then the per-token KL penalty.
-    roll.scores = score(run, roll, prompts)
+    with bf16_autocast(run):
+        roll.scores = score(run, roll, prompts)
     kl = reference_kl(run, roll) * roll.mask
     rewards = per_token_rewards(roll.scores, kl, roll.mask, run.kl_ctl.value)
     if spec.whiten_rewards:
-        rewards = whiten(rewards, roll.mask, shift_mean=False)
+        rewards = whiten_global(run, rewards, roll.mask, shift_mean=False)
 
-    # 3. Advantages: GAE over the response, whitened per batch ([N], [N+]).
+    # 3. Advantages: GAE over the response, whitened over the global batch ([N], [N+]).
     advantages, returns = gae(rewards, roll.values, roll.mask, spec.gamma, spec.gae_lambda)
     if spec.whiten_advantages:
-        advantages = whiten(advantages, roll.mask)
+        advantages = whiten_global(run, advantages, roll.mask)
 
     # 4. Optimise: epochs x minibatches of clipped policy + value loss.
     stats = optimise(run, roll, advantages, returns, step)
 
-    # 5. Control and log: adapt beta to the measured sequence KL (Ziegler et al. 2019).
-    seq_kl = float(kl.sum(dim=1).mean())
+    # 5. Control and log: adapt beta to the global batch's sequence KL (Ziegler et al. 2019).
     metrics = _metrics(run, roll, kl, returns, stats, time.perf_counter() - started)
     metrics["learning_rate"] = learning_rate
-    run.kl_ctl.update(seq_kl, spec.batch_size * run.accelerator.num_processes)
+    run.kl_ctl.update(metrics["kl"], spec.batch_size * run.accelerator.num_processes)
     return metrics
 
 
-def _my_indices(run: Run, step: int) -> list[int]:
-    """This rank's share of the step's prompts: every rank draws the same order, then strides."""
+def bf16_autocast(run: Run) -> Any:
+    """bf16 autocast for forward passes with ``spec.bf16`` (set here, not as accelerate's
+    ``mixed_precision``, which is fixed once per process). Trained weights stay fp32."""
+    return torch.autocast(run.accelerator.device.type, dtype=torch.bfloat16, enabled=run.spec.bf16)
+
+
+def _my_positions(run: Run) -> list[int]:
+    """This rank's rows of the global batch (rank r of P holds rows r, r + P, ...)."""
     acc = run.accelerator
-    total = run.spec.batch_size * acc.num_processes
-    return batch_indices(len(run.sources.prompts), total, step, run.spec.seed)[acc.process_index::acc.num_processes]
+    return list(range(run.spec.batch_size * acc.num_processes))[acc.process_index::acc.num_processes]
+
+
+def gather_rows(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` from every process, padded with 0 to the longest response. (b, ...) -> (P b, ...)."""
+    acc = run.accelerator
+    if acc.num_processes == 1:
+        return x
+    return acc.gather(acc.pad_across_processes(x.float(), dim=1) if x.dim() > 1 else x.float())
+
+
+def whiten_global(run: Run, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """``whiten`` with the mean and variance of the global batch. Shapes: (b, t), (b, t) -> (b, t)."""
+    every, every_mask = gather_rows(run, x), gather_rows(run, mask)
+    return whiten_with(x, mask, masked_mean(every, every_mask), masked_var(every, every_mask), shift_mean)
 
 
 @torch.no_grad()
-def rollout(run: Run, prompts: list[str]) -> Rollout:
-    """Sample one response per prompt and fill log-probs, entropy, reference log-probs, values."""
-    spec, models, tok = run.spec, run.models, run.models.tokenizer
+def rollout(run: Run, prompts: list[str], uniforms: torch.Tensor) -> Rollout:
+    """Sample one response per prompt (driven by ``uniforms``, (b, max_new_tokens)) and fill
+    log-probs, entropy, reference log-probs, values."""
+    spec, models, tok, device = run.spec, run.models, run.models.tokenizer, run.accelerator.device
     enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
-              max_length=spec.max_prompt_tokens, add_special_tokens=False).to(run.accelerator.device)
-    policy = run.accelerator.unwrap_model(models.policy)
+              max_length=spec.max_prompt_tokens, add_special_tokens=False).to(device)
+    policy = models.policy
     response = generate(policy, enc["input_ids"], enc["attention_mask"], max_new_tokens=spec.max_new_tokens,
                         temperature=spec.temperature, top_p=spec.top_p, eos_id=tok.eos_token_id,
-                        pad_id=tok.pad_token_id)
+                        pad_id=tok.pad_token_id, uniforms=uniforms.to(device))
     response, mask = truncate_at_stop(response, tok.eos_token_id, tok.pad_token_id)
     roll = Rollout(enc["input_ids"], enc["attention_mask"].bool(), response, mask)
     both = in_chunks(lambda mb: _logprobs_and_entropy(policy, mb, spec.temperature), roll, spec.forward_batch_size)
     roll.logprobs, roll.entropy = both.unbind(dim=-1)
-    roll.ref_logprobs = torch.stack([_logprobs(m, roll, spec) for m in models.refs], dim=1)  # (b, refs, t)
+    roll.ref_logprobs = torch.stack([_frozen_logprobs(run, m, roll) for m in models.refs], dim=1)  # (b, refs, t)
     roll.values = in_chunks(lambda mb: _values(models.critic, mb), roll, spec.forward_batch_size)
-    roll.extra = {f"kl_{name}": _logprobs(m, roll, spec) for name, m in models.watch.items()}
+    roll.extra = {f"kl_{name}": _frozen_logprobs(run, m, roll) for name, m in models.watch.items()}
     return roll
+
+
+def _frozen_logprobs(run: Run, model: Any, roll: Rollout) -> torch.Tensor:
+    """Log-probs from a frozen model, brought to the device for this pass if it is offloaded."""
+    with visiting(model, run.accelerator.device):
+        return _logprobs(model, roll, run.spec)
 
 
 def _logprobs_and_entropy(model: Any, mb: Rollout, temperature: float) -> torch.Tensor:
@@ -202,8 +263,6 @@ def _logprobs(model: Any, roll: Rollout, spec: AlignSpec) -> torch.Tensor:
 
 def _values(critic: Any, mb: Rollout) -> torch.Tensor:
     """Critic output at the positions that predict each response token. Shape: (b, t)."""
-    from soupkit.rlhf.rollout import position_ids
-
     mask = mb.attention_mask
     values = critic(input_ids=mb.sequences, attention_mask=mask.long(), position_ids=position_ids(mask))
     return values[:, -mb.response.shape[1] - 1:-1]
@@ -216,7 +275,8 @@ def score(run: Run, roll: Rollout, prompts: list[str]) -> torch.Tensor:
     if isinstance(reward, ModelReward):
         texts = lambda: [tok.decode(roll.sequences[i][roll.attention_mask[i]], skip_special_tokens=True)  # noqa: E731
                          for i in range(len(prompts))]
-        scores = model_scores(reward, roll, texts)
+        with visiting(reward.model, run.accelerator.device):
+            scores = model_scores(reward, roll, texts)
     else:
         completions = tok.batch_decode(ids, skip_special_tokens=True)
         scores = function_scores(reward, prompts, completions, ids, roll.query.device)
@@ -240,37 +300,59 @@ def optimise(run: Run, roll: Rollout, advantages: torch.Tensor, returns: torch.T
     b, micro = roll.query.shape[0], micro_batch_size(spec)
     roll.extra.update(advantages=advantages, returns=returns)
     stats: dict[str, list[float]] = defaultdict(list)
-    for _ in range(spec.ppo_epochs):
-        order = torch.randperm(b, device=roll.query.device)
+    for epoch in range(spec.ppo_epochs):
+        # The same shuffle on every rank, keyed by (seed, step, epoch): no hidden RNG state.
+        order = torch.randperm(b, generator=torch.Generator().manual_seed(hash((spec.seed, step, epoch)) % 2**63))
+        epoch_stats: dict[str, list[torch.Tensor]] = defaultdict(list)
         for minibatch in order.split(b // spec.minibatches):
             for rows in minibatch.split(micro):
-                loss, mb_stats = minibatch_loss(run, roll.select(rows))
+                mb = roll.select(rows.to(roll.query.device))
+                share = token_share(run, mb.mask)
+                loss, mb_stats = minibatch_loss(run, mb)
                 _check_finite(run, loss, step)
-                acc.backward(loss / spec.grad_accum)
+                acc.backward(loss * (share * acc.num_processes / spec.grad_accum))
                 for key, value in mb_stats.items():
-                    stats[key].append(value)
+                    epoch_stats[key].append(value * share)
             _optimizer_step(run)
-        if spec.target_kl is not None and _epoch_approx_kl(run, stats) > spec.target_kl:
+        for key, values in _sum_over_processes(run, epoch_stats).items():
+            stats[key].extend(values)
+        if spec.target_kl is not None and _mean(stats["approx_kl"][-spec.minibatches * spec.grad_accum:]) > spec.target_kl:
             break
     run.scheduler.step()
     return {key: _mean(values) for key, values in stats.items()}
 
 
-def _epoch_approx_kl(run: Run, stats: dict[str, list[float]]) -> float:
-    """Mean approx KL of the epoch just done, averaged over processes so every rank stops together."""
-    spec = run.spec
-    local = torch.tensor(_mean(stats["approx_kl"][-spec.minibatches * spec.grad_accum:]), device=run.accelerator.device)
-    return float(run.accelerator.reduce(local, "mean"))
+def token_share(run: Run, mask: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the micro-batch's valid tokens across processes (1 on one process).
+
+    DDP averages gradients over P processes, so scaling each rank's token-mean loss by
+    ``P * share`` makes the update that of the token mean over the global micro-batch.
+    """
+    local = mask.sum().float()
+    return local / run.accelerator.reduce(local.clone(), "sum").clamp(min=1)
 
 
-def minibatch_loss(run: Run, mb: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
+def _sum_over_processes(run: Run, stats: dict[str, list[torch.Tensor]]) -> dict[str, list[float]]:
+    """Token-share-weighted statistics summed over ranks: global token means, per micro-batch."""
+    if not stats:
+        return {}
+    keys = list(stats)
+    summed = run.accelerator.reduce(torch.stack([torch.stack(stats[k]) for k in keys]), "sum")
+    return {k: row.tolist() for k, row in zip(keys, summed)}
+
+
+def minibatch_loss(run: Run, mb: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``policy_loss + vf_coef * value_loss`` on one micro-batch, with their statistics."""
     spec = run.spec
-    logprobs = token_logprobs(response_logits(run.models.policy, mb, spec.temperature), mb.response)
-    values = _values(run.models.critic, mb)
+    mask, t = mb.attention_mask, mb.response.shape[1]
+    with bf16_autocast(run):
+        logits, values = run.trained(mb.sequences, mask.long(), position_ids(mask), t + 1)
+    logprobs = token_logprobs(logits[:, :-1].float() / spec.temperature, mb.response)
+    values = values[:, -t - 1:-1]
     pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.extra["advantages"], mb.mask, spec.clip_eps)
     vf_loss, vf_stats = value_loss(values, mb.values, mb.extra["returns"], mb.mask, spec.value_clip_eps)
-    stats = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), **pg_stats, **vf_stats}
+    stats = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), **pg_stats, **vf_stats}
+    stats = {k: torch.as_tensor(v, dtype=torch.float32, device=mask.device) for k, v in stats.items()}
     return pg_loss + spec.vf_coef * vf_loss, stats
 
 
@@ -299,23 +381,23 @@ def _mean(values: list[float]) -> float:
 
 def _metrics(run: Run, roll: Rollout, kl: torch.Tensor, returns: torch.Tensor,
              stats: dict[str, float], seconds: float) -> dict[str, Any]:
-    """Per-step metrics, averaged over processes; ``kl`` is the mean summed per-token KL."""
-    mask, estimator = roll.mask, ESTIMATORS[run.spec.kl_estimator]
-    local = {
-        "reward": roll.scores.mean(),
-        "kl": kl.sum(dim=1).mean(),
-        "entropy": masked_mean(roll.entropy, mask),
-        **{k: torch.tensor(v) for k, v in stats.items()},
-        "explained_variance": torch.tensor(explained_variance(roll.values, returns, mask)),
+    """Per-step metrics of the global batch (every process's rows); ``kl`` is the mean summed
+    per-token KL. ``stats`` (the losses') are global token means already."""
+    every = lambda x: gather_rows(run, x)  # noqa: E731
+    mask, estimator = every(roll.mask) > 0, ESTIMATORS[run.spec.kl_estimator]
+    ended = every((roll.response == run.models.tokenizer.eos_token_id).any(dim=1))
+    values = {
+        "reward": every(roll.scores).mean(),
+        "kl": every(kl).sum(dim=1).mean(),
+        "entropy": masked_mean(every(roll.entropy), mask),
+        "explained_variance": explained_variance(every(roll.values), every(returns), mask),
         "response_length": mask.sum(dim=1).float().mean(),
-        "eos_rate": (roll.response == run.models.tokenizer.eos_token_id).any(dim=1).float().mean(),
-        **{name: (estimator(roll.logprobs, lp) * mask).sum(dim=1).mean()
+        "eos_rate": ended.float().mean(),
+        **{name: every(estimator(roll.logprobs, lp) * roll.mask).sum(dim=1).mean()
            for name, lp in roll.extra.items() if name.startswith("kl_")},
     }
-    values = run.accelerator.reduce(torch.stack([v.float().to(mask.device) for v in local.values()]), "mean")
-    metrics = {"kl_coef": run.kl_ctl.value, **dict(zip(local, values.tolist()))}
-    tokens = float(mask.sum()) * run.accelerator.num_processes
-    metrics.update(tokens_per_s=tokens / seconds, seconds=seconds)
+    metrics = {"kl_coef": run.kl_ctl.value, **{k: float(v) for k, v in values.items()}, **stats}
+    metrics.update(tokens_per_s=float(mask.sum()) / seconds, seconds=seconds)
     return metrics
 
 
@@ -334,16 +416,24 @@ def save(run: Run, step: int) -> Path | None:
     if not acc.is_main_process:
         return None
     state = {"step": step, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "kl_ctl": run.kl_ctl.state_dict(), "rng": ckpt.rng_state(), "spec": _resumable(run.spec)}
-    critic = acc.unwrap_model(run.models.critic).seq_cls
-    return ckpt.save_checkpoint(run.out, step, acc.unwrap_model(run.models.policy), critic,
+             "kl_ctl": run.kl_ctl.state_dict(), "rng": ckpt.rng_state(), "spec": _resumable(run.spec),
+             "global_batch_size": _global_batch(run)}
+    # A LoRA policy saves its adapter only; resuming rebuilds it on the init's weights.
+    return ckpt.save_checkpoint(run.out, step, run.models.policy, run.models.critic.seq_cls,
                                 run.models.tokenizer, state, run.spec.keep_checkpoints)
+
+
+def _global_batch(run: Run) -> int:
+    return run.spec.batch_size * run.accelerator.num_processes
 
 
 def _restore(run: Run, resume_dir: Path) -> None:
     """Continue exactly: optimiser, schedule, beta, RNG and step; later metric lines are dropped."""
     state = ckpt.load_trainer_state(resume_dir)
     changed = sorted(k for k, v in _resumable(run.spec).items() if state.get("spec", {}).get(k, v) != v)
+    if state.get("global_batch_size", _global_batch(run)) != _global_batch(run):
+        changed.append(f"the global batch ({state['global_batch_size']} = batch_size x processes, "
+                       f"now {_global_batch(run)})")
     if changed:
         raise SoupkitError(f"--resume: {resume_dir} was made with other settings for {', '.join(changed)}; "
                            "resume with the same settings, or start a new --out")
@@ -357,8 +447,10 @@ def _restore(run: Run, resume_dir: Path) -> None:
 
 
 def _resumable(spec: AlignSpec) -> dict[str, Any]:
-    """The settings a resumed run must share with the run it continues (steps may grow)."""
-    free = {"steps", "save_every", "keep_checkpoints", "output", "forward_batch_size", "runs", "seeds", "kl_coefs"}
+    """The settings a resumed run must share with the run it continues (steps may grow; the
+    process count may change if the global batch does not, so batch_size is checked as that)."""
+    free = {"steps", "save_every", "keep_checkpoints", "output", "forward_batch_size", "runs", "seeds", "kl_coefs",
+            "batch_size", "offload_frozen", "gradient_checkpointing"}
     return {k: v for k, v in spec.model_dump(mode="json").items() if k not in free}
 
 
@@ -369,10 +461,16 @@ def write_final(run: Run) -> Path:
     final = run.out / "final"
     if acc.is_main_process:
         with atomic_output_dir(final, force=True) as tmp:
-            acc.unwrap_model(run.models.policy).save_pretrained(tmp)
+            _plain_policy(run.models.policy).save_pretrained(tmp)
             run.models.tokenizer.save_pretrained(tmp)
             write_provenance(tmp, {"align": run.spec.model_dump(mode="json")}, _card(run))
     return final
+
+
+def _plain_policy(policy: Any) -> Any:
+    """The policy as a plain transformers model: a LoRA adapter is merged into its base (the last
+    use of the policy, so merging in place is fine)."""
+    return policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy
 
 
 def _card(run: Run) -> str:
