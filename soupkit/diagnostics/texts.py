@@ -7,12 +7,12 @@ padding shifts absolute positions, which changes GPT-2's outputs).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from soupkit.errors import SoupkitError
+from soupkit.rlhf.prompts import read_jsonl_field
 
 MAX_TOKENS = 512
 BATCH = 8
@@ -25,26 +25,12 @@ def read_texts(path: str | Path) -> list[str]:
         raise SoupkitError(f"--prompts {path}: no such file")
     if path.suffix not in (".jsonl", ".txt"):
         raise SoupkitError(f"--prompts {path}: expected a .jsonl or .txt file")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    texts = _jsonl_texts(path, lines) if path.suffix == ".jsonl" else [ln for ln in lines if ln.strip()]
+    if path.suffix == ".jsonl":
+        texts = read_jsonl_field(path, ("prompt", "text"))
+    else:
+        texts = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not texts:
         raise SoupkitError(f"--prompts {path}: no texts in the file")
-    return texts
-
-
-def _jsonl_texts(path: Path, lines: list[str]) -> list[str]:
-    texts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SoupkitError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-        text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
-        if not isinstance(text, str):
-            raise SoupkitError(f"{path}:{number}: no string 'prompt' or 'text' field")
-        texts.append(text)
     return texts
 
 

@@ -18,7 +18,7 @@ def load_prompts(source: str, field: str = "prompt", split: str = "train") -> li
     (its ``split`` when it is a Hub dataset)."""
     path = Path(source).expanduser()
     if path.suffix == ".jsonl":
-        prompts = _read_jsonl(path, field)
+        prompts = read_jsonl_field(path, (field,))
     elif path.suffix == ".txt":
         prompts = _read_txt(path)
     else:
@@ -34,21 +34,23 @@ def _read_txt(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def _read_jsonl(path: Path, field: str) -> list[str]:
+def read_jsonl_field(path: Path, fields: tuple[str, ...]) -> list[str]:
+    """The first of ``fields`` present on each line of a ``.jsonl`` file (errors name the line)."""
     if not path.is_file():
         raise SoupkitError(f"prompts file {path} not found")
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise SoupkitError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise SoupkitError(f"{path}:{number}: no string field {field!r}")
-        prompts.append(record[field])
-    return prompts
+        value = next((record[f] for f in fields if f in record), None) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            raise SoupkitError(f"{path}:{number}: no string field {' or '.join(map(repr, fields))}")
+        out.append(value)
+    return out
 
 
 def _read_dataset(source: str, field: str, split: str) -> list[str]:
