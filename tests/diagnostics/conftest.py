@@ -67,12 +67,3 @@ def soup(diag_dir, family) -> Path:
 
     return run_merge({"merge": {"method": "uniform", "models": [str(family["ft1"]), str(family["ft2"])],
                                 "output": str(diag_dir / "soup")}})
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine they spin (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

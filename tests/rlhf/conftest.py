@@ -12,15 +12,6 @@ from tests.conftest import WORDS, make_model, tiny_config, tokenizer
 REWARDS = Path(__file__).with_name("rewards.py")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest, and reproducibly, on one thread (the CI box has two cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def rl_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("rlhf")
