@@ -197,7 +197,7 @@ def checkpoint_layers(model: Any) -> None:
     transformers only checkpoints layers in training mode, so the decoder layers alone are flagged
     as training (not recursively: their attention and MLP children stay in eval mode, no dropout).
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     for module in model.modules():

@@ -38,7 +38,9 @@ def _kill_after_first_checkpoint(out: Path, ref: Path, prompts: Path) -> int:
         assert time.monotonic() < deadline, "no checkpoint within 120 s"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
-    return proc.wait()
+    code = proc.wait()
+    proc.stderr.close()
+    return code
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, sft_a, prompts_txt):
