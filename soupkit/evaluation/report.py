@@ -23,23 +23,30 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class RunResult:
-    """One finished align run: which method, seed and KL coefficient, and its final policy."""
+    """One finished align run: which method, seed and KL coefficient, its final policy, and how
+    to sample from it (the run's own temperature, top-p and lengths)."""
 
     method: str
     seed: int
     kl_coef: float
     path: Path
+    how: Sampling
 
 
-def measure_runs(runs: Sequence[RunResult], prompts: Sequence[str], how: Sampling, reward: str,
-                 gold: str | None, references: dict[str, str], progress: Progress | None = None) -> list[dict]:
-    """Per-prompt measurements of every run (references loaded once)."""
-    from soupkit.evaluation.sampling import _load_lm
+def measure_runs(runs: Sequence[RunResult], prompts: Sequence[str], reward: str, gold: str | None,
+                 references: dict[str, str], progress: Progress | None = None) -> list[dict]:
+    """Per-prompt measurements of every run; references and scorers are loaded once."""
+    from soupkit.diagnostics.texts import load_lm
+    from soupkit.evaluation.sampling import load_scorer
+    from soupkit.rlhf.models import load_tokenizer
 
-    refs = {name: _load_lm(path) for name, path in references.items()}
+    tok = load_tokenizer(runs[0].path, trust_remote_code=False)
+    reward_scorer = load_scorer(reward, tok)
+    gold_scorer = load_scorer(gold, tok) if gold else None
+    refs = {name: load_lm(path, f"eval.references.{name}") for name, path in references.items()}
     out = []
     for i, run in enumerate(runs):
-        rows = measure(run.path, prompts, how, reward, gold, refs)
+        rows = measure(run.path, prompts, run.how, reward_scorer, gold_scorer, refs)
         out.append({"method": run.method, "seed": run.seed, "kl_coef": run.kl_coef, "rows": rows})
         if progress:
             progress(i + 1, len(runs))
@@ -91,13 +98,13 @@ def frontiers(summary: dict[str, Any], kl_key: str, primary: str) -> dict[str, A
             "matched": matched, "swept": sorted(swept)}
 
 
-def evaluate(runs: Sequence[RunResult], prompts: Sequence[str], out_dir: Path, *, how: Sampling, reward: str,
+def evaluate(runs: Sequence[RunResult], prompts: Sequence[str], out_dir: Path, *, reward: str,
              gold: str | None, references: dict[str, str], baseline: str, n_boot: int = 2000,
              path: dict[str, Any] | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Measure, summarise and write ``results.json``, ``report.md`` and plots into ``out_dir``."""
     from soupkit.evaluation import plots, writing
 
-    measured = measure_runs(runs, prompts, how, reward, gold, references, progress)
+    measured = measure_runs(runs, prompts, reward, gold, references, progress)
     primary = "gold" if gold else "reward"
     summary = summarise(measured, baseline, primary, n_boot)
     kl_key = f"kl_{next(iter(references))}" if references else None

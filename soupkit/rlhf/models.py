@@ -277,7 +277,7 @@ def _causal_lm(path: Path, spec: AlignSpec, device: Any, dtype: torch.dtype = to
         path, dtype=dtype, trust_remote_code=spec.trust_remote_code).to(device)
 
 
-def _seq_cls(path: Path, spec: AlignSpec, device: Any, dtype: torch.dtype = torch.float32) -> Any:
+def _seq_cls(path: Path, trust_remote_code: bool, device: Any, dtype: torch.dtype = torch.float32) -> Any:
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
 
@@ -285,7 +285,7 @@ def _seq_cls(path: Path, spec: AlignSpec, device: Any, dtype: torch.dtype = torc
     logging.set_verbosity_error()  # a causal LM loaded this way "misses" its score head, by design
     try:
         return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=dtype, trust_remote_code=spec.trust_remote_code).to(device)
+            path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
     finally:
         logging.set_verbosity(verbosity)
 
@@ -293,10 +293,17 @@ def _seq_cls(path: Path, spec: AlignSpec, device: Any, dtype: torch.dtype = torc
 def _reward(spec: AlignSpec, sources: Sources, tokenizer: Any, device: Any) -> ModelReward | RewardFn:
     if sources.reward_fn is not None:
         return sources.reward_fn
-    model = freeze(_seq_cls(sources.reward_dir, spec, device, frozen_dtype(spec)))
-    if not _has_tokenizer(sources.reward_dir) or _same_tokenizer_file(tokenizer, sources.reward_dir):
+    return reward_model(sources.reward_dir, tokenizer, device, frozen_dtype(spec), spec.trust_remote_code)
+
+
+def reward_model(path: Path, tokenizer: Any, device: Any, dtype: torch.dtype = torch.float32,
+                 trust_remote_code: bool = False) -> ModelReward:
+    """A frozen sequence-classification reward model, with its own tokenizer only when its ids
+    differ from ``tokenizer``'s (then text is re-tokenised; else the policy's ids are scored)."""
+    model = freeze(_seq_cls(path, trust_remote_code, device, dtype))
+    if not _has_tokenizer(path) or _same_tokenizer_file(tokenizer, path):
         return ModelReward(model, None)
-    own = load_tokenizer(sources.reward_dir, spec.trust_remote_code)
+    own = load_tokenizer(path, trust_remote_code)
     if own.get_vocab() == tokenizer.get_vocab():
         own = None  # same ids: score the policy's tokens directly
     if own is not None:
@@ -308,10 +315,10 @@ def _critic(spec: AlignSpec, sources: Sources, reward: Any, resume_dir: Path | N
     """Value model from the checkpoint, else the reward model ([N+], rlhf_anchors.md §4 #6) when it
     reads the policy's tokens, else the policy's backbone with a zero scalar head ([N])."""
     if resume_dir is not None:
-        return ValueModel(_seq_cls(resume_dir / "critic", spec, device))
+        return ValueModel(_seq_cls(resume_dir / "critic", spec.trust_remote_code, device))
     if isinstance(reward, ModelReward) and reward.tokenizer is None:
-        return ValueModel(_seq_cls(sources.reward_dir, spec, device))
-    seq_cls = _seq_cls(sources.init, spec, device)
+        return ValueModel(_seq_cls(sources.reward_dir, spec.trust_remote_code, device))
+    seq_cls = _seq_cls(sources.init, spec.trust_remote_code, device)
     with torch.no_grad():
         for param in seq_cls.score.parameters():
             param.zero_()

@@ -93,6 +93,18 @@ def model_scores(reward: ModelReward, rollout: Rollout, texts: Callable[[], list
     return last_token_scores(reward.model, enc["input_ids"], enc["attention_mask"].bool())
 
 
+def sequence_scores(reward: ModelReward | RewardFn, roll: Rollout, prompts: list[str], tok: Any) -> torch.Tensor:
+    """Scores (b,) of a rollout: a reward model on its token ids (or on the decoded prompt +
+    response when its tokenizer differs), or a reward function on the decoded responses."""
+    ids = [row[m].tolist() for row, m in zip(roll.response, roll.mask)]
+    if isinstance(reward, ModelReward):
+        texts = lambda: [tok.decode(roll.sequences[i][roll.attention_mask[i]], skip_special_tokens=True)  # noqa: E731
+                         for i in range(len(prompts))]
+        return model_scores(reward, roll, texts)
+    completions = tok.batch_decode(ids, skip_special_tokens=True)
+    return function_scores(reward, prompts, completions, ids, roll.query.device)
+
+
 def function_scores(fn: RewardFn, prompts: list[str], completions: list[str],
                     completion_ids: list[list[int]], device: Any) -> torch.Tensor:
     """Call a reward function and check it returned one finite float per completion. (b,)."""

@@ -50,6 +50,13 @@ class Rollout:
         return Rollout(**pick)
 
 
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int):
+    """Left-padded prompt ids, no special tokens added (the prompt text is the whole query),
+    long prompts keeping their last ``max_prompt_tokens`` tokens (the tokenizer truncates left)."""
+    return tokenizer(list(prompts), return_tensors="pt", padding=True, truncation=True,
+                     max_length=max_prompt_tokens, add_special_tokens=False)
+
+
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """``cumsum(mask) - 1``, clamped at 0 for leading pads. Shapes: (b, s) -> (b, s)."""
     return (mask.long().cumsum(dim=-1) - 1).clamp(min=0)

@@ -39,9 +39,10 @@ from soupkit.rlhf.kl import ESTIMATORS, AdaptiveKL, FixedKL
 from soupkit.rlhf.losses import policy_loss, value_loss
 from soupkit.rlhf.models import Models, PolicyAndValue, Sources, load_models, preflight, visiting
 from soupkit.rlhf.prompts import batch_indices
-from soupkit.rlhf.reward import ModelReward, function_scores, missing_eos_penalty, model_scores
+from soupkit.rlhf.reward import ModelReward, missing_eos_penalty, sequence_scores
 from soupkit.rlhf.rollout import (
     Rollout,
+    encode_prompts,
     entropy,
     generate,
     in_chunks,
@@ -229,8 +230,7 @@ def rollout(run: Run, prompts: list[str], uniforms: torch.Tensor) -> Rollout:
     """Sample one response per prompt (driven by ``uniforms``, (b, max_new_tokens)) and fill
     log-probs, entropy, reference log-probs, values."""
     spec, models, tok, device = run.spec, run.models, run.models.tokenizer, run.accelerator.device
-    enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
-              max_length=spec.max_prompt_tokens, add_special_tokens=False).to(device)
+    enc = encode_prompts(tok, prompts, spec.max_prompt_tokens).to(device)
     policy = models.policy
     response = generate(policy, enc["input_ids"], enc["attention_mask"], max_new_tokens=spec.max_new_tokens,
                         temperature=spec.temperature, top_p=spec.top_p, eos_id=tok.eos_token_id,
@@ -271,15 +271,8 @@ def _values(critic: Any, mb: Rollout) -> torch.Tensor:
 def score(run: Run, roll: Rollout, prompts: list[str]) -> torch.Tensor:
     """Sequence scores (b,), with the missing-EOS penalty applied when configured."""
     reward, tok = run.models.reward, run.models.tokenizer
-    ids = [row[m].tolist() for row, m in zip(roll.response, roll.mask)]
-    if isinstance(reward, ModelReward):
-        texts = lambda: [tok.decode(roll.sequences[i][roll.attention_mask[i]], skip_special_tokens=True)  # noqa: E731
-                         for i in range(len(prompts))]
-        with visiting(reward.model, run.accelerator.device):
-            scores = model_scores(reward, roll, texts)
-    else:
-        completions = tok.batch_decode(ids, skip_special_tokens=True)
-        scores = function_scores(reward, prompts, completions, ids, roll.query.device)
+    with visiting(reward.model if isinstance(reward, ModelReward) else None, run.accelerator.device):
+        scores = sequence_scores(reward, roll, prompts, tok)
     if run.spec.missing_eos_penalty is not None:
         ended = (roll.response == tok.eos_token_id).any(dim=1)
         scores = missing_eos_penalty(scores, ended, run.spec.missing_eos_penalty)

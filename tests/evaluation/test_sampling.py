@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from soupkit.evaluation.sampling import Sampling, reward_scores, sample, sequence_kl
+from soupkit.evaluation.sampling import Sampling, load_scorer, sample, scores, sequence_kl
 from tests.conftest import make_model
 
 
@@ -26,7 +26,7 @@ PROMPTS = ["the cat sat on", "a dog ran", "hello world", "the big red bird flew 
 
 def test_sequence_kl_matches_kl_div(lm_pair):
     policy, ref, tok = lm_pair
-    parts, _ = sample(policy, tok, PROMPTS, Sampling(max_new_tokens=6, temperature=0.8, top_p=1.0, seed=0))
+    parts = sample(policy, tok, PROMPTS, Sampling(max_new_tokens=6, temperature=0.8, top_p=1.0, seed=0))
     got = sequence_kl(policy, ref, parts, temperature=0.8)
     part = parts[0]
     want = []
@@ -45,17 +45,20 @@ def test_sequence_kl_matches_kl_div(lm_pair):
 
 def test_responses_stop_at_eos(lm_pair):
     policy, _, tok = lm_pair
-    parts, texts = sample(policy, tok, PROMPTS, Sampling(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=1))
+    parts = sample(policy, tok, PROMPTS, Sampling(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=1))
     for row, mask in zip(parts[0].response, parts[0].mask):
         kept = row[mask].tolist()
         assert tok.eos_token_id not in kept[:-1]
         assert all(t == tok.pad_token_id for t in row[~mask].tolist())
-    assert all("[EOS]" not in t and "[PAD]" not in t for t in texts)
+    # prompts are encoded as in training: no special tokens added, left padding
+    assert tok.bos_token_id not in parts[0].query.tolist()[0]
+    assert parts[0].query_mask[:, -1].all()
 
 
 def test_reward_model_scores_ids_and_text_alike(tmp_path, lm_pair):
-    """Scoring the rollout's ids and re-tokenising the decoded text agree for a shared tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """A reward model with the policy's vocabulary scores the rollout's ids; one with another
+    vocabulary scores re-tokenised text; on rows without EOS the two agree."""
+    from transformers import AutoModelForSequenceClassification
 
     from tests.conftest import tiny_config, tokenizer
 
@@ -63,18 +66,27 @@ def test_reward_model_scores_ids_and_text_alike(tmp_path, lm_pair):
     config = tiny_config("llama")
     config.num_labels = 1
     torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
-    tokenizer().save_pretrained(tmp_path / "rm")
-    parts, texts = sample(policy, tok, PROMPTS, Sampling(max_new_tokens=5, temperature=1.0, top_p=1.0, seed=2))
-    by_ids = reward_scores(str(tmp_path / "rm"), PROMPTS, texts, tok, parts)
-    other_tok = AutoTokenizer.from_pretrained(tmp_path / "rm")
-    other_tok.add_tokens(["zzz"])  # a different vocabulary forces the text path
-    by_text = reward_scores(str(tmp_path / "rm"), PROMPTS, texts, other_tok, parts)
-    ended = parts[0].mask.sum(1) < parts[0].response.shape[1]  # rows without EOS compare directly
-    np.testing.assert_allclose(by_ids[~ended.numpy()], by_text[~ended.numpy()], rtol=1e-4, atol=1e-5)
+    model = AutoModelForSequenceClassification.from_config(config)  # one model, two tokenizers
+    for name, extra in (("rm", None), ("rm-other", "zzz")):
+        model.save_pretrained(tmp_path / name)
+        other = tokenizer()
+        if extra:
+            other.add_tokens([extra])  # a different vocabulary forces the text path
+        other.save_pretrained(tmp_path / name)
+    parts = sample(policy, tok, PROMPTS, Sampling(max_new_tokens=5, temperature=1.0, top_p=1.0, seed=2))
+    same, other = load_scorer(str(tmp_path / "rm"), tok), load_scorer(str(tmp_path / "rm-other"), tok)
+    assert same.tokenizer is None and other.tokenizer is not None
+    by_ids, by_text = scores(same, parts, PROMPTS, tok), scores(other, parts, PROMPTS, tok)
+    no_eos = (parts[0].response == tok.eos_token_id).sum(1) == 0
+    assert no_eos.any()
+    np.testing.assert_allclose(by_ids[no_eos.numpy()], by_text[no_eos.numpy()], rtol=1e-4, atol=1e-5)
 
 
-def test_reward_function_scores(lm_pair):
-    _, _, tok = lm_pair
-    got = reward_scores("soupkit.demo.world:gold_reward", ["describe the fox :"], ["the fox is kind ."], tok, [])
-    assert got.tolist() == [1.5]
+def test_reward_function_gets_completions_and_ids(lm_pair):
+    policy, _, tok = lm_pair
+    parts = sample(policy, tok, ["describe the fox :"], Sampling(max_new_tokens=4, temperature=1.0, top_p=1.0, seed=3))
+    gold = scores(load_scorer("soupkit.demo.world:gold_reward", tok), parts, ["describe the fox :"], tok)
+    text = tok.decode(parts[0].response[0][parts[0].mask[0]], skip_special_tokens=True)
+    from soupkit.demo.world import gold_score
+
+    assert gold.tolist() == [gold_score("describe the fox :", text)]
