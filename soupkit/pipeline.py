@@ -42,10 +42,13 @@ def fingerprint(settings: dict[str, Any]) -> str:
 
 
 def state(unit: Unit) -> str:
-    """``done``, ``stale`` (made by other settings), ``partial`` or ``new``."""
+    """``done``, ``stale`` (made by other settings or from other inputs), ``partial`` or ``new``."""
     marker = unit.output / MARKER
     if marker.is_file():
-        made_by = json.loads(marker.read_text()).get("fingerprint")
+        try:
+            made_by = json.loads(marker.read_text()).get("fingerprint")
+        except (json.JSONDecodeError, AttributeError):
+            return "partial"  # an unreadable marker proves nothing: redo
         return "done" if made_by == fingerprint(unit.settings) else "stale"
     return "partial" if unit.output.exists() else "new"
 
@@ -69,14 +72,25 @@ def expand_align(spec: AlignSpec) -> list[tuple[str, int, float, AlignSpec, Path
     for name, overrides in (spec.runs or {"align": {}}).items():
         # a run may narrow or widen the grid for itself (e.g. a kl_coef sweep for two methods only)
         overrides = dict(overrides)
-        seeds = overrides.pop("seeds", None) or spec.seeds or [spec.seed]
-        coefs = overrides.pop("kl_coefs", None) or spec.kl_coefs or [spec.kl_coef]
+        if "output" in overrides:
+            raise SoupkitError(f"align.runs.{name}.output: runs write under align.output/{name}; set align.output")
+        seeds = _grid(overrides, "seeds", "seed") or spec.seeds or [spec.seed]
+        coefs = _grid(overrides, "kl_coefs", "kl_coef") or spec.kl_coefs or [spec.kl_coef]
         for seed in seeds:
             for coef in coefs:
                 path = root / name / f"seed-{seed}" if len(coefs) == 1 else root / name / f"kl-{coef:g}" / f"seed-{seed}"
                 data = {**base, **overrides, "seed": seed, "kl_coef": coef, "output": str(path)}
                 out.append((name, seed, coef, validate(AlignSpec, data, f"align.runs.{name}"), path))
     return out
+
+
+def _grid(overrides: dict[str, Any], many: str, one: str) -> list[Any] | None:
+    """A run's own grid axis: ``kl_coefs: [..]``, or a single ``kl_coef``, taken out of its overrides."""
+    if many in overrides and one in overrides:
+        raise SoupkitError(f"align.runs: give {many} or {one}, not both")
+    if many in overrides:
+        return list(overrides.pop(many))
+    return [overrides.pop(one)] if one in overrides else None
 
 
 def units(recipe: Recipe, log: Log) -> dict[str, list[Unit]]:
@@ -130,14 +144,28 @@ def run_pipeline(recipe: str | Path | Recipe, *, only: Iterable[str] = (), force
     """Run the stages of ``recipe`` in order; returns what happened to each unit, per stage."""
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     only, force = _check_stages(only, "--only"), _check_stages(force, "--force")
-    plan = units(loaded, log)
+    plan = chain_upstream(units(loaded, log))
     _check_outputs(plan)
     report: dict[str, list[str]] = {}
+    upstream_ran = False
     for stage in STAGES:
         if only and stage not in only:
             continue
-        report[stage] = [_run_unit(u, stage in force, log) for u in plan[stage]]
+        report[stage] = [_run_unit(u, stage in force, upstream_ran, log) for u in plan[stage]]
+        upstream_ran = upstream_ran or "ran" in report[stage]
     return report
+
+
+def chain_upstream(plan: dict[str, list[Unit]]) -> dict[str, list[Unit]]:
+    """Each unit's settings also hold the fingerprints of every earlier stage's units, so a changed
+    SFT, reward model or soup makes the align runs and eval built on it stale, not silently reused."""
+    chained: dict[str, list[Unit]] = {}
+    upstream: list[str] = []
+    for stage in STAGES:
+        chained[stage] = [Unit(u.stage, u.name, u.output, {**u.settings, "upstream": list(upstream)}, u.run)
+                          for u in plan[stage]]
+        upstream += [fingerprint(u.settings) for u in chained[stage]]
+    return chained
 
 
 def _check_stages(stages: Iterable[str], flag: str) -> set[str]:
@@ -160,16 +188,17 @@ def _check_outputs(plan: dict[str, list[Unit]]) -> None:
             seen[key] = f"{stage} {unit.name}"
 
 
-def _run_unit(unit: Unit, forced: bool, log: Log) -> str:
+def _run_unit(unit: Unit, forced: bool, upstream_ran: bool, log: Log) -> str:
     status = state(unit)
     if status == "done" and not forced:
         log(f"[{unit.stage}] {unit.name}: complete, skipped")
         return "skipped"
-    if status == "stale" and not forced:
-        raise SoupkitError(f"[{unit.stage}] {unit.name}: {unit.output} was made with different settings; "
-                           f"pass --force {unit.stage} to redo it")
+    if status == "stale" and not (forced or upstream_ran):
+        raise SoupkitError(f"[{unit.stage}] {unit.name}: {unit.output} was made with different settings or "
+                           f"inputs; pass --force {unit.stage} to redo it")
     log(f"[{unit.stage}] {unit.name}: {'redoing' if status != 'new' else 'running'} -> {unit.output}")
-    unit.run(forced or status in ("partial", "stale") and unit.stage != "align")
+    # a stale or unfinished output is replaced; an interrupted align run resumes from its checkpoint
+    unit.run(forced or status == "stale" or (status == "partial" and unit.stage != "align"))
     mark_complete(unit)
     return "ran"
 
@@ -178,31 +207,39 @@ def _run_unit(unit: Unit, forced: bool, log: Log) -> str:
 # eval
 
 
-def run_eval(recipe: Recipe, *, force: bool = False, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def run_eval(recipe: str | Path | Recipe, *, force: bool = False,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Evaluate every align run of ``recipe`` as its ``eval:`` section says (``soupkit eval``)."""
     from soupkit.checkpoint import atomic_output_dir
     from soupkit.evaluation.report import RunResult, evaluate
-    from soupkit.evaluation.sampling import Sampling
     from soupkit.rlhf.prompts import load_prompts
 
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     spec, align = recipe.eval, recipe.align
     if spec is None or align is None:
         raise SoupkitError("eval needs both an align: and an eval: section")
-    runs = [RunResult(name, seed, coef, path / "final") for name, seed, coef, _, path in expand_align(align)]
+    runs = [RunResult(name, seed, coef, path / "final", _sampling(spec, run_spec))
+            for name, seed, coef, run_spec, path in expand_align(align)]
     missing = [str(r.path) for r in runs if not (r.path / "config.json").is_file()]
     if missing:
         raise SoupkitError(f"eval: align run output {missing[0]} is missing; run the align stage first")
     prompts = load_prompts(spec.prompts, spec.prompt_field, spec.prompt_split)
-    how = Sampling(spec.max_new_tokens or align.max_new_tokens, spec.temperature or align.temperature,
-                   align.top_p, spec.seed)
     baseline = spec.baseline or runs[0].method
     if baseline not in {r.method for r in runs}:
         raise SoupkitError(f"eval.baseline: {baseline!r} is not an align run ({', '.join(sorted({r.method for r in runs}))})")
     with atomic_output_dir(Path(spec.output), force) as tmp:
         path = _path_report(spec, spec.reward or align.reward) if spec.path else None
-        return evaluate(runs, prompts, tmp, how=how, reward=spec.reward or align.reward, gold=spec.gold_reward,
+        return evaluate(runs, prompts, tmp, reward=spec.reward or align.reward, gold=spec.gold_reward,
                         references=spec.references, baseline=baseline, n_boot=spec.bootstrap, path=path,
                         progress=progress)
+
+
+def _sampling(spec: Any, run: AlignSpec) -> Any:
+    """The run's own sampling settings, with eval's overrides where given."""
+    from soupkit.evaluation.sampling import Sampling
+
+    return Sampling(spec.max_new_tokens or run.max_new_tokens, spec.temperature or run.temperature,
+                    run.top_p, spec.seed, run.max_prompt_tokens)
 
 
 def _path_report(spec: Any, reward: str) -> dict[str, Any]:

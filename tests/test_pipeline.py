@@ -46,7 +46,7 @@ def test_interrupted_stage_is_redone(tmp_path, llama_pair):
 def test_changed_settings_need_force(tmp_path, llama_pair):
     run_pipeline(merge_recipe(tmp_path, llama_pair), log=lambda _: None)
     changed = merge_recipe(tmp_path, llama_pair, weight_b=3.0)
-    with pytest.raises(SoupkitError, match=r"\[merge\] soup: .* different settings; pass --force merge"):
+    with pytest.raises(SoupkitError, match=r"\[merge\] soup: .* different settings or inputs; pass --force merge"):
         run_pipeline(changed, log=lambda _: None)
     assert run_pipeline(changed, force=["merge"], log=lambda _: None)["merge"] == ["ran"]
     marker = json.loads((tmp_path / "soup" / MARKER).read_text())
@@ -85,3 +85,40 @@ def test_two_stages_writing_one_directory_is_refused(tmp_path, llama_pair):
               "reward_model": {"base": str(llama_pair[0]), "data": "d.jsonl", "output": str(tmp_path / "x")}}
     with pytest.raises(SoupkitError, match="write to the same directory"):
         run_pipeline(load_recipe(recipe), log=lambda _: None)
+
+
+def test_a_redone_stage_makes_later_stages_stale(tmp_path, llama_pair):
+    from soupkit.pipeline import chain_upstream, state, units
+
+    first = load_recipe(merge_recipe(tmp_path, llama_pair))
+    sft = {"name": "x", "base": str(llama_pair[0]), "data": "d.jsonl", "output": str(tmp_path / "sft")}
+    with_sft = load_recipe({**first.model_dump(mode="json", exclude_defaults=True), "sft": [sft]})
+    changed = load_recipe({**with_sft.model_dump(mode="json", exclude_defaults=True),
+                           "sft": [{**sft, "epochs": 2.0}]})
+    merge_a = chain_upstream(units(with_sft, print))["merge"][0]
+    merge_b = chain_upstream(units(changed, print))["merge"][0]
+    run_pipeline(first, log=lambda _: None)
+    (tmp_path / "sft").mkdir()  # pretend the sft stage ran with the first settings
+    from soupkit.pipeline import mark_complete
+
+    mark_complete(chain_upstream(units(with_sft, print))["sft"][0])
+    mark_complete(merge_a)
+    assert state(merge_a) == "done" and state(merge_b) == "stale"  # the soup depends on the SFT
+
+
+def test_corrupt_marker_means_redo(tmp_path, llama_pair):
+    recipe = merge_recipe(tmp_path, llama_pair)
+    run_pipeline(recipe, log=lambda _: None)
+    (tmp_path / "soup" / MARKER).write_text("{not json")
+    assert run_pipeline(recipe, log=lambda _: None)["merge"] == ["ran"]
+
+
+def test_a_run_may_set_its_own_kl_coef_and_seed(tmp_path):
+    recipe = load_recipe({"align": {"ref": "soup", "reward": "rm", "prompts": "p.txt", "output": str(tmp_path),
+                                    "seeds": [0, 1], "runs": {"ppo": {"kl_coef": 0.3, "seed": 9}, "salsa": {}}}})
+    grid = [(name, seed, coef, spec.seed, spec.kl_coef) for name, seed, coef, spec, _ in expand_align(recipe.align)]
+    assert grid == [("ppo", 9, 0.3, 9, 0.3), ("salsa", 0, 0.05, 0, 0.05), ("salsa", 1, 0.05, 1, 0.05)]
+    bad = load_recipe({"align": {"ref": "soup", "reward": "rm", "prompts": "p.txt",
+                                 "runs": {"ppo": {"output": "x"}}}})
+    with pytest.raises(SoupkitError, match=r"align\.runs\.ppo\.output"):
+        expand_align(bad.align)
