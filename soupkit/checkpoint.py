@@ -258,16 +258,18 @@ def _open_pickled(ref: str, model_dir: Path, config: dict, files: list[Path]) ->
     import torch
 
     state: dict[str, Any] = {}
+    tensors: dict[str, TensorInfo] = {}
+    codes = {v: k for k, v in _torch_dtype_codes().items()}
     for file in files:
         try:
-            state.update(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
+            shard = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - a broken pickle is the user's file
             raise SoupkitError(f"{file}: cannot read pickle checkpoint ({exc})") from None
-    codes = {v: k for k, v in _torch_dtype_codes().items()}
-    tensors = {
-        name: TensorInfo(name, codes[t.dtype], tuple(t.shape), file, 0, t.numel() * t.element_size())
-        for name, t in state.items()
-    }
+        for name, t in shard.items():
+            if t.dtype not in codes:
+                raise SoupkitError(f"{file}: tensor {name!r} has unsupported dtype {t.dtype}")
+            tensors[name] = TensorInfo(name, codes[t.dtype], tuple(t.shape), file, 0, t.numel() * t.element_size())
+        state.update(shard)
     return Checkpoint(ref, model_dir, config, tensors, pickled=state)
 
 
@@ -374,6 +376,12 @@ class ShardedWriter:
         self._file = open(self.out_dir / self.names[shard], "wb")
         self._file.write(_header_bytes(self.shards[shard]))
 
+    def abort(self) -> None:
+        """Close the open shard after a failure (the caller discards the directory)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def close(self) -> None:
         """Finish the last shard and write the index when there are several."""
         if self._file is not None:
@@ -423,7 +431,11 @@ def parse_size(text: str | int) -> int:
         raise SoupkitError(f"bad size {text!r}; use e.g. 5GB, 500MB or 2GiB")
     number, unit, binary = match.groups()
     base = 1024 if binary else 1000
-    return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
+    try:
+        value = float(number)
+    except ValueError:
+        raise SoupkitError(f"bad size {text!r}; use e.g. 5GB, 500MB or 2GiB") from None
+    return int(value * base ** " KMGT".index(unit.upper() or " "))
 
 
 def dir_is_nonempty(path: Path) -> bool:
@@ -441,12 +453,19 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     check_output_free(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is a normal directory
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _replace(tmp, out)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_output_free(out: Path, force: bool) -> None:

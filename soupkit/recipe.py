@@ -7,6 +7,7 @@ configs ignore them; see research/merge_anchors.md §1.3).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -90,6 +91,15 @@ class MergeSpec(Strict):
     """Method-wide parameters for mergekit methods (``t`` for slerp, ``normalize``, ...)."""
     shard_size: str | int = "5GB"
     """Largest output shard, e.g. ``5GB`` or ``500MB``."""
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, value: str | int) -> str | int:
+        from soupkit.checkpoint import parse_size
+
+        if parse_size(value) <= 0:
+            raise ValueError("must be positive, e.g. 5GB")
+        return value
 
     @model_validator(mode="after")
     def _method_rules(self) -> MergeSpec:
@@ -376,7 +386,7 @@ class Recipe(Strict):
 def load_recipe(source: str | Path | Mapping[str, Any], overrides: Iterable[str] = ()) -> Recipe:
     """Load and validate a recipe from a YAML path or a dict; ``overrides`` are ``key=value``."""
     label = str(source) if isinstance(source, (str, Path)) else "recipe"
-    data = read_yaml(Path(source)) if isinstance(source, (str, Path)) else dict(source)
+    data = read_yaml(Path(source)) if isinstance(source, (str, Path)) else copy.deepcopy(dict(source))
     for item in overrides:
         apply_override(data, item)
     return validate(Recipe, data, label)

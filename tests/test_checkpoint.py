@@ -155,3 +155,23 @@ def test_write_config_records_dtype(tmp_path):
     write_config(tmp_path, {"torch_dtype": "float32", "model_type": "llama"}, "BF16")
     config = json.loads(Path(tmp_path / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and "torch_dtype" not in config
+
+
+def test_atomic_output_has_normal_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_output_dir(tmp_path / "out") as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_load_recipe_leaves_the_callers_dict_alone():
+    from soupkit.recipe import load_recipe
+
+    data = {"merge": {"models": ["a", "b"], "output": "o"}}
+    load_recipe(data, ["merge.dtype=bfloat16"])
+    assert data == {"merge": {"models": ["a", "b"], "output": "o"}}

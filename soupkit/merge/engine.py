@@ -116,11 +116,15 @@ def write_soup(plan: MergePlan, out_dir: Path, progress: Progress | None = None)
     writer = ShardedWriter(out_dir, planned, parse_size(plan.spec.shard_size))
     buf = Buffers()
     total, done = sum(t.nbytes for t in planned), 0
-    for tensor in planned:
-        merge_tensor(plan, tensor.name, writer, buf)
-        done += tensor.nbytes
-        if progress is not None:
-            progress(done, total)
+    try:
+        for tensor in planned:
+            merge_tensor(plan, tensor.name, writer, buf)
+            done += tensor.nbytes
+            if progress is not None:
+                progress(done, total)
+    except BaseException:
+        writer.abort()
+        raise
     writer.close()
     return total
 
