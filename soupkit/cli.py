@@ -149,6 +149,13 @@ def align(
         _console().print(f"[green]wrote[/] {final}  (metrics: {final.parent / 'metrics.jsonl'})")
 
 
+def _count_progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=_stderr(), transient=True)
+
+
 def _steps_progress() -> Any:
     from rich.progress import (
         BarColumn,
@@ -289,7 +296,7 @@ def eval_recipe(
 
     _quiet_libraries()
     loaded = load_recipe(recipe, set_ or [])
-    with _steps_progress() as bar:
+    with _count_progress() as bar:
         task = bar.add_task("evaluating policies", total=None)
         results = run_eval(loaded, force=force, progress=lambda d, t: bar.update(task, completed=d, total=t))
     _render_eval(results)
@@ -301,10 +308,10 @@ def eval_recipe(
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes everything.")] = Path("soupkit-demo"),
     force: Annotated[bool, typer.Option("--force", help="Start again from nothing.")] = False,
-    small: Annotated[bool, typer.Option("--small", help="Reduced sizes and one seed (about a minute).")] = False,
+    small: Annotated[bool, typer.Option("--small", help="Reduced sizes and one seed (seconds).")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: align.steps=10.")] = None,
 ) -> None:
-    """The embedded default: the whole SALSA experiment at toy scale on a CPU (minutes)."""
+    """The embedded default: the whole SALSA experiment at toy scale on a CPU (about a minute)."""
     from soupkit.demo.run import run_demo
 
     _quiet_libraries()
@@ -334,7 +341,7 @@ def _quiet_libraries() -> None:
 def _render_eval(results: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from soupkit.evaluation.writing import _ci, kl_keys, reading
+    from soupkit.evaluation.writing import format_ci, kl_keys, reading
 
     first = next(iter(results["methods"].values()))
     kls = kl_keys(first)
@@ -343,8 +350,8 @@ def _render_eval(results: dict[str, Any]) -> None:
     for column in columns + [f"win vs {results['baseline']}"]:
         table.add_column(column)
     for m in results["methods"].values():
-        cells = [_ci(m["reward"])] + ([_ci(m["gold"])] if "gold" in m else []) + [_ci(m[k]) for k in kls]
-        table.add_row(m["method"], f"{m['kl_coef']:g}", str(len(m["seeds"])), *cells, _ci(m["win_rate"]))
+        cells = [format_ci(m["reward"])] + ([format_ci(m["gold"])] if "gold" in m else []) + [format_ci(m[k]) for k in kls]
+        table.add_row(m["method"], f"{m['kl_coef']:g}", str(len(m["seeds"])), *cells, format_ci(m["win_rate"]))
     _console().print(table)
     for line in reading(results):
         _console().print(line, highlight=False)

@@ -8,7 +8,7 @@ from typing import Any
 from soupkit.checkpoint import atomic_output_dir
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -23,7 +23,7 @@ def _short(ref: str) -> str:
 
 def layers_plot(result: dict[str, Any], out: Path) -> None:
     """Relative L2 and cosine per decoder layer, one line per pair."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     for pair in result["pairs"]:
         rows = pair["layers"]
@@ -41,7 +41,7 @@ def layers_plot(result: dict[str, Any], out: Path) -> None:
 
 def path_plot(path: dict[str, Any], out: Path) -> None:
     """Loss (and reward) along alpha, with the endpoints and the chord between their losses."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     alphas, losses = path["alpha"], path["loss"]
     ax.plot(alphas, losses, marker="o", color="C0", label="loss on probe texts")
@@ -67,7 +67,7 @@ def path_plot(path: dict[str, Any], out: Path) -> None:
 
 def plane_plot(plane: dict[str, Any], key: str, out: Path) -> None:
     """Heat map of ``plane[key]`` over (u, v), with the three models and their triangle."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     u, v = plane["u"], plane["v"]
     half = (u[1] - u[0]) / 2

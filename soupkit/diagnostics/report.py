@@ -15,12 +15,13 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from soupkit.checkpoint import Checkpoint, check_output_free, open_checkpoint
+from soupkit.checkpoint import Checkpoint, check_output_free
 from soupkit.errors import SoupkitError
 from soupkit.merge.preflight import (
     check_same_architecture,
     check_same_tensors,
     check_same_vocabulary,
+    open_ingredient,
 )
 
 Progress = Callable[[str, int, int], None]
@@ -51,13 +52,6 @@ class Inputs:
     def close(self) -> None:
         for ckpt in self.ckpts + ([self.base] if self.base else []):
             ckpt.close()
-
-
-def _open(ref: str, what: str, allow_pickle: bool) -> Checkpoint:
-    try:
-        return open_checkpoint(ref, allow_pickle=allow_pickle, what=what)
-    except OSError as exc:
-        raise SoupkitError(f"{what} {ref!r}: cannot read ({exc.strerror or exc})") from None
 
 
 def recipe_ingredients(ckpt: Checkpoint) -> list[Path]:
@@ -103,8 +97,8 @@ def prepare(models: Sequence[str], base: str | None, prompts: str | Path | None,
         raise SoupkitError("--reward scores samples along the interpolation path; add --path")
     if points < 2:
         raise SoupkitError(f"--points {points}: need at least 2 points on the path")
-    ckpts = [_open(m, f"model {i + 1}", allow_pickle) for i, m in enumerate(models)]
-    base_ckpt = _open(base, "--base", allow_pickle) if base else None
+    ckpts = [open_ingredient(m, f"model {i + 1}", allow_pickle) for i, m in enumerate(models)]
+    base_ckpt = open_ingredient(base, "--base", allow_pickle) if base else None
     everyone = ckpts + ([base_ckpt] if base_ckpt else [])
     check_same_architecture(everyone)
     check_same_vocabulary(everyone)

@@ -5,19 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from soupkit.diagnostics.plots import pyplot
 
 
 def scores_plot(results: dict[str, Any], key: str, out: Path) -> Path:
     """Mean ``key`` per method with its 95% interval as error bars."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(results["methods"])
     values = [results["methods"][n][key] for n in names]
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(names), 3.2))
@@ -34,7 +27,7 @@ def scores_plot(results: dict[str, Any], key: str, out: Path) -> Path:
 
 def frontier_plot(results: dict[str, Any], out: Path) -> Path:
     """Score against KL, one line per method across the kl_coef sweep."""
-    plt = _pyplot()
+    plt = pyplot()
     front = results["frontier"]
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
     for i, (method, curve) in enumerate(front["curves"].items()):

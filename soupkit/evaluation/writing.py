@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _ci(v: list[float] | None) -> str:
+def format_ci(v: list[float] | None) -> str:
     return "–" if not v else f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
 
 
@@ -22,9 +22,9 @@ def _table(results: dict[str, Any]) -> list[str]:
     lines = ["| method | kl_coef | seeds | " + " | ".join(cols) + f" | win rate vs {results['baseline']} |",
              "|---" * (len(cols) + 4) + "|"]
     for m in methods.values():
-        cells = [_ci(m.get(c)) for c in cols]
+        cells = [format_ci(m.get(c)) for c in cols]
         lines.append(f"| {m['method']} | {m['kl_coef']:g} | {len(m['seeds'])} | " + " | ".join(cells)
-                     + f" | {_ci(m['win_rate'])} |")
+                     + f" | {format_ci(m['win_rate'])} |")
     return lines
 
 

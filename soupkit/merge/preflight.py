@@ -52,8 +52,8 @@ class MergePlan:
 def preflight(spec: MergeSpec, output: Path, force: bool = False, allow_pickle: bool = False) -> MergePlan:
     """Open every ingredient lazily and check they can be merged as ``spec`` says."""
     check_output_free(output, force)
-    models = [_open(ing.model, f"merge.models[{i}]", allow_pickle) for i, ing in enumerate(spec.models)]
-    base = _open(spec.base, "merge.base", allow_pickle) if spec.base else None
+    models = [open_ingredient(ing.model, f"merge.models[{i}]", allow_pickle) for i, ing in enumerate(spec.models)]
+    base = open_ingredient(spec.base, "merge.base", allow_pickle) if spec.base else None
     everyone = models + ([base] if base else [])
     check_same_architecture(everyone)
     check_same_vocabulary(everyone)
@@ -67,9 +67,10 @@ def preflight(spec: MergeSpec, output: Path, force: bool = False, allow_pickle: 
     return MergePlan(spec, output, models, base, names, num_layers, weights)
 
 
-def _open(ref: str, where: str, allow_pickle: bool) -> Checkpoint:
+def open_ingredient(ref: str, where: str, allow_pickle: bool) -> Checkpoint:
+    """``open_checkpoint`` with OS errors (permissions, I/O) turned into a named SoupkitError."""
     try:
-        return open_checkpoint(ref, allow_pickle=allow_pickle, what=f"{where}")
+        return open_checkpoint(ref, allow_pickle=allow_pickle, what=where)
     except SoupkitError:
         raise
     except OSError as exc:
@@ -101,7 +102,7 @@ def check_same_vocabulary(ckpts: list[Checkpoint]) -> None:
             )
         vocab = _tokenizer_vocab(other.path)
         if vocab0 is not None and vocab is not None and vocab0 != vocab:
-            diff = next((tok for tok in vocab0 if vocab.get(tok) != vocab0[tok]), None)
+            diff = next(tok for tok in [*vocab0, *vocab] if vocab.get(tok) != vocab0.get(tok))
             raise SoupkitError(
                 f"vocabulary mismatch: the tokenizers of {first.ref} and {other.ref} differ "
                 f"(token {diff!r} has id {vocab0.get(diff)} vs {vocab.get(diff)})"

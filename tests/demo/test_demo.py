@@ -26,6 +26,15 @@ def test_preferences_follow_gold_with_noise():
     assert 0.7 < agree / len(rows) < 0.97  # mostly right, not always: the proxy must learn from noise
 
 
+def test_shipped_recipe_is_the_demo_recipe():
+    from pathlib import Path
+
+    from soupkit.demo.run import RECIPE
+
+    shipped = Path(__file__).resolve().parents[2] / "recipes" / "salsa-tiny.yaml"
+    assert shipped.read_text() == RECIPE.read_text()
+
+
 def test_small_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     logs: list[str] = []
@@ -38,8 +47,6 @@ def test_small_demo_end_to_end(tmp_path):
         for key in ("reward", "gold", "kl_sft-a", "kl_soup", "length"):
             est, lo, hi = entry[key]
             assert lo <= est <= hi, key
-    # SALSA starts from SFT-A, so its KL to SFT-A is measured from the same start as PPO's;
-    # the soup-started run is the only one whose policy began at the soup.
     assert (out / "eval" / "report.md").read_text().count("## Reading") == 1
     assert {p.name for p in (out / "eval").glob("*.png")} >= {"gold.png", "reward.png", "reward_vs_kl.png", "path.png"}
     for run in (f"{m}/kl-{c}" for m in ("ppo", "salsa", "salsa-from-soup") for c in (0.05, 0.2)):
@@ -52,3 +59,24 @@ def test_small_demo_end_to_end(tmp_path):
     run_demo(out, small=True, log=logs.append)
     assert all("complete, skipped" in line for line in logs if line.startswith("["))
     assert len([line for line in logs if line.startswith("[")]) == 12  # 3 sft, rm, merge, 6 align, eval
+
+
+def test_cli_demo_run_and_eval(tmp_path):
+    """The three pipeline commands through the CLI, on the reduced demo."""
+    from typer.testing import CliRunner
+
+    from soupkit.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "d"
+    result = runner.invoke(app, ["demo", "--small", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "held-out prompts" in result.output and "report:" in result.output
+    again = runner.invoke(app, ["run", str(out / "recipe.yaml")])
+    assert again.exit_code == 0, again.output
+    assert "0 unit(s) run, 12 skipped" in again.output
+    evaluated = runner.invoke(app, ["eval", str(out / "recipe.yaml"), "--force", "--set", "eval.bootstrap=100"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads((out / "eval" / "results.json").read_text())["baseline"] == "ppo"
+    refused = runner.invoke(app, ["eval", str(out / "recipe.yaml")])
+    assert refused.exit_code == 2 and "--force" in refused.output

@@ -241,3 +241,18 @@ def test_python_m_soupkit_reports_error_with_exit_2(tmp_path):
     assert proc.returncode == 2
     assert "methd: unknown key (did you mean 'method'?)" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bad_shard_size_is_named(tmp_path, llama_pair):
+    r = recipe(list(llama_pair), tmp_path / "soup", shard_size="1.2.3GB")
+    assert_clean_error(run_cli(tmp_path, r), r"merge\.shard_size: bad size '1\.2\.3GB'")
+
+
+def test_tokenizer_with_an_extra_token_is_named(tmp_path, llama_pair):
+    b = tmp_path / "b"
+    shutil.copytree(llama_pair[1], b)
+    tok = json.loads((b / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["zebra"] = 60
+    (b / "tokenizer.json").write_text(json.dumps(tok))
+    result = run_cli(tmp_path, recipe([llama_pair[0], b], tmp_path / "soup"))
+    assert_clean_error(result, "token 'zebra' has id None vs 60")
