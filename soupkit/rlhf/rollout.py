@@ -173,16 +173,6 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def token_values(critic, rollout: Rollout) -> torch.Tensor:
-    """Value of the state before each response token: the scalar head on the hidden state that
-    predicts it (same positions as ``response_logits``). Shape: (b, t)."""
-    mask = rollout.attention_mask
-    t = rollout.response.shape[1]
-    hidden = critic.base_model(input_ids=rollout.sequences, attention_mask=mask.long(),
-                               position_ids=position_ids(mask)).last_hidden_state
-    return critic.score(hidden[:, -t - 1:-1]).squeeze(-1).float()
-
-
 def in_chunks(fn, rollout: Rollout, size: int) -> torch.Tensor:
     """``fn`` applied to row chunks of at most ``size`` and concatenated (no-grad passes)."""
     b = rollout.query.shape[0]
