@@ -43,13 +43,16 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def save_checkpoint(out: Path, step: int, policy: Any, critic: Any, tokenizer: Any,
-                    state: dict[str, Any], keep: int) -> Path:
-    """Write ``step-N`` atomically, then drop all but the newest ``keep`` (0 = keep all)."""
+                    state: dict[str, Any], keep: int, weights: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write ``step-N`` atomically, then drop all but the newest ``keep`` (0 = keep all).
+    ``weights``: whole state dicts ``{"policy": ..., "critic.seq_cls": ...}`` when the modules
+    themselves hold shards (``sharding.full_state_dicts``)."""
     final = checkpoints_root(out) / f"step-{step}"
+    weights = weights or {}
     with atomic_output_dir(final, force=True) as tmp:
-        policy.save_pretrained(tmp / "policy")
+        policy.save_pretrained(tmp / "policy", state_dict=weights.get("policy"))
         tokenizer.save_pretrained(tmp / "policy")
-        critic.save_pretrained(tmp / "critic")
+        critic.save_pretrained(tmp / "critic", state_dict=weights.get("critic.seq_cls"))
         torch.save(state, tmp / "trainer_state.pt")
     if keep:
         for _, old in list_checkpoints(out)[:-keep]:

@@ -26,6 +26,7 @@ from soupkit.errors import SoupkitError
 from soupkit.recipe import AlignSpec
 from soupkit.rlhf.prompts import load_prompts
 from soupkit.rlhf.reward import ModelReward, RewardFn, is_function_ref, load_reward_fn
+from soupkit.rlhf.sharding import full_weights, zero3_loading
 
 
 @dataclass
@@ -105,12 +106,18 @@ def load_models(spec: AlignSpec, sources: Sources, device: Any, resume_dir: Path
     check_prompts(tokenizer, sources.prompts)
     for path in sources.refs + list(sources.watch.values()):
         check_same_vocab(tokenizer, path, spec.trust_remote_code)
+    if spec.offload_frozen and zero3_loading():
+        raise SoupkitError("--offload-frozen under DeepSpeed ZeRO-3: the frozen models are already sharded over "
+                           "the processes (and gathered one at a time); drop the flag")
     home = torch.device("cpu") if spec.offload_frozen else device
     policy = _policy(spec, sources, device, resume_dir).eval()
     reward = _reward(spec, sources, tokenizer, home)
     critic = _critic(spec, sources, reward, resume_dir, device).eval()
     refs = [_reference(p, spec, sources, policy, resume_dir, home) for p in sources.refs]
     if len(refs) > 1 and spec.ref_mode == "soup":
+        if zero3_loading():
+            raise SoupkitError("several --ref averaged in memory (ref_mode soup) under DeepSpeed ZeRO-3 is not "
+                               "supported: merge them first with `soupkit merge` and pass the soup as --ref")
         refs = [soup_in_memory(refs)]
     watch = {name: _reference(p, spec, sources, policy, resume_dir, home) for name, p in sources.watch.items()}
     if spec.gradient_checkpointing:
@@ -168,14 +175,15 @@ def _reference(path: Path, spec: AlignSpec, sources: Sources, policy: Any, resum
     shared_base = len(sources.refs) == 1 or spec.ref_mode == "mean_kl"  # a soup is built in place
     if spec.lora_rank and path == sources.init and shared_base:
         return AdapterDisabled(policy)
-    if path == sources.init and not spec.lora_rank and resume_dir is None:
+    if path == sources.init and not spec.lora_rank and resume_dir is None and not zero3_loading():
         return freeze(copy.deepcopy(policy).to(home, frozen_dtype(spec)))
     return freeze(_causal_lm(path, spec, home, frozen_dtype(spec)))
 
 
 @contextmanager
 def visiting(model: Any, device: Any) -> Iterator[Any]:
-    """``model`` on ``device`` for one phase, then back where it lives (an offloaded frozen model).
+    """``model`` on ``device`` for one phase, then back where it lives (an offloaded frozen model);
+    a frozen model that ZeRO-3 loaded sharded is gathered whole for the phase.
 
     A no-op when it already lives there, and always on a CPU-only machine.
     """
@@ -185,7 +193,8 @@ def visiting(model: Any, device: Any) -> Iterator[Any]:
     if moves:
         model.to(device)
     try:
-        yield model
+        with full_weights(model):
+            yield model
     finally:
         if moves:
             model.to(home)
@@ -213,6 +222,9 @@ class PolicyAndValue(torch.nn.Module):
     def __init__(self, policy: Any, critic: ValueModel):
         super().__init__()
         self.policy, self.critic = policy, critic
+        # accelerate's FSDP auto-wrap shards the layer classes a model lists here
+        self._no_split_modules = sorted({*(getattr(policy, "_no_split_modules", None) or []),
+                                         *(getattr(critic.seq_cls, "_no_split_modules", None) or [])})
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int):
         """Shapes: (b, s) x3 -> logits (b, logits_to_keep, v), values (b, s)."""
@@ -319,7 +331,7 @@ def _critic(spec: AlignSpec, sources: Sources, reward: Any, resume_dir: Path | N
     if isinstance(reward, ModelReward) and reward.tokenizer is None:
         return ValueModel(_seq_cls(sources.reward_dir, spec.trust_remote_code, device))
     seq_cls = _seq_cls(sources.init, spec.trust_remote_code, device)
-    with torch.no_grad():
+    with torch.no_grad(), full_weights(seq_cls.score, modify=True):
         for param in seq_cls.score.parameters():
             param.zero_()
     return ValueModel(seq_cls)

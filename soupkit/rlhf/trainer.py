@@ -13,6 +13,7 @@ depend on the process count; whitening, loss normalisation and metrics use globa
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -52,8 +53,17 @@ from soupkit.rlhf.rollout import (
     token_logprobs,
     truncate_at_stop,
 )
+from soupkit.rlhf.sharding import (
+    full_optimizer_state,
+    full_state_dicts,
+    full_weights,
+    load_optimizer_state,
+    sharding,
+)
 
 Progress = Callable[[int, int, dict[str, Any]], None]
+TRAINED = ("policy", "critic.seq_cls")
+"""Where policy and critic sit in ``PolicyAndValue``: the names checkpoints gather them by."""
 
 
 @dataclass
@@ -109,16 +119,21 @@ def _check_output(out: Path, force: bool, resume: bool) -> Path | None:
 
 def setup(spec: AlignSpec, sources: Sources, out: Path, resume_dir: Path | None) -> Run:
     """Load models, build the optimiser, scheduler and KL controller; restore a checkpoint."""
-    from accelerate import Accelerator
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # per-file load/save bars would drown the run's own progress
-    accelerator = Accelerator(cpu=_cpu_data_parallel())
+    accelerator = _accelerator(spec, resume_dir)
     torch.manual_seed(spec.seed)  # the same on every rank: any random init (LoRA's A) agrees
     models = load_models(spec, sources, accelerator.device, resume_dir)
-    optimizer = _optimizer(spec, models)
+    trained, optimizer = prepare_trained(accelerator, spec, models)
+    if spec.lora_rank and sharding(trained):
+        raise SoupkitError("lora_rank under FSDP or DeepSpeed ZeRO-3 is not supported: a LoRA policy's "
+                           "gradients and optimiser state are small, use DDP (configs/accelerate/ddp.yaml)")
+    if accelerator.num_processes > 1 and accelerator.is_main_process:  # what accelerate made of the launch
+        print(f"align: {accelerator.num_processes} processes ({accelerator.distributed_type.value}), policy + "
+              f"critic weights {'sharded (' + sharding(trained) + ')' if sharding(trained) else 'replicated'}",
+              file=sys.stderr, flush=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(spec, step))
-    trained, optimizer = accelerator.prepare(PolicyAndValue(models.policy, models.critic), optimizer)
     kl_ctl = AdaptiveKL(spec.kl_coef, spec.kl_target, spec.kl_horizon) if spec.kl_target else FixedKL(spec.kl_coef)
     run = Run(spec, sources, models, trained, accelerator, optimizer, scheduler, kl_ctl, out)
     if resume_dir is not None:
@@ -129,12 +144,39 @@ def setup(spec: AlignSpec, sources: Sources, out: Path, resume_dir: Path | None)
     return run
 
 
-def _cpu_data_parallel() -> bool:
-    """Under torchrun without GPUs: accelerate joins the processes (gloo) only when told ``cpu``;
-    otherwise every process would run alone and write the same files (environment-checks.md)."""
+def _accelerator(spec: AlignSpec, resume_dir: Path | None) -> Any:
+    """accelerate's ``Accelerator`` for this launch; micro-batches accumulate ``grad_accum`` times
+    per optimiser step (accelerate scales the loss, or DeepSpeed does)."""
     import os
 
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and (spec.save_every or resume_dir is not None):
+        raise SoupkitError("checkpoints under DeepSpeed are not supported yet (its optimiser state stays "
+                           "sharded per process): set --save-every 0, or use FSDP (configs/accelerate/fsdp.yaml)")
+    kwargs: dict[str, Any] = {}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # Several processes without GPUs (torchrun): accelerate joins them (gloo) only when told
+        # ``cpu`` (environment-checks.md), but ``cpu`` switches DeepSpeed off, which wants gloo named.
+        kwargs = {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]} if deepspeed else {"cpu": True}
+    accelerator = Accelerator(**kwargs)
+    accelerator.gradient_accumulation_steps = spec.grad_accum
+    return accelerator
+
+
+def prepare_trained(accelerator: Any, spec: AlignSpec, models: Models) -> tuple[Any, Any]:
+    """Policy + critic as one module and their optimiser, wrapped by accelerate (DDP, FSDP2 or
+    DeepSpeed as the launch config says; nothing on one process)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:  # DeepSpeed takes batch, accumulation and clipping from its own config
+        micro = micro_batch_size(spec)
+        plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=spec.grad_accum,
+            train_batch_size=micro * spec.grad_accum * accelerator.num_processes,
+            gradient_clipping=spec.max_grad_norm or 0.0)
+    return accelerator.prepare(PolicyAndValue(models.policy, models.critic), _optimizer(spec, models))
 
 
 def is_main_process() -> bool:
@@ -228,19 +270,26 @@ def whiten_global(run: Run, x: torch.Tensor, mask: torch.Tensor, shift_mean: boo
 @torch.no_grad()
 def rollout(run: Run, prompts: list[str], uniforms: torch.Tensor) -> Rollout:
     """Sample one response per prompt (driven by ``uniforms``, (b, max_new_tokens)) and fill
-    log-probs, entropy, reference log-probs, values."""
+    log-probs, entropy, reference log-probs, values.
+
+    Sharded weights (FSDP2, ZeRO-3) are gathered one model at a time: the policy for sampling and
+    its log-probs, then each frozen model (``visiting``), then the critic.
+    """
     spec, models, tok, device = run.spec, run.models, run.models.tokenizer, run.accelerator.device
     enc = encode_prompts(tok, prompts, spec.max_prompt_tokens).to(device)
     policy = models.policy
-    response = generate(policy, enc["input_ids"], enc["attention_mask"], max_new_tokens=spec.max_new_tokens,
-                        temperature=spec.temperature, top_p=spec.top_p, eos_id=tok.eos_token_id,
-                        pad_id=tok.pad_token_id, uniforms=uniforms.to(device))
-    response, mask = truncate_at_stop(response, tok.eos_token_id, tok.pad_token_id)
-    roll = Rollout(enc["input_ids"], enc["attention_mask"].bool(), response, mask)
-    both = in_chunks(lambda mb: _logprobs_and_entropy(policy, mb, spec.temperature), roll, spec.forward_batch_size)
+    with full_weights(run.trained, policy):
+        response = generate(policy, enc["input_ids"], enc["attention_mask"], max_new_tokens=spec.max_new_tokens,
+                            temperature=spec.temperature, top_p=spec.top_p, eos_id=tok.eos_token_id,
+                            pad_id=tok.pad_token_id, uniforms=uniforms.to(device))
+        response, mask = truncate_at_stop(response, tok.eos_token_id, tok.pad_token_id)
+        roll = Rollout(enc["input_ids"], enc["attention_mask"].bool(), response, mask)
+        both = in_chunks(lambda mb: _logprobs_and_entropy(policy, mb, spec.temperature), roll,
+                         spec.forward_batch_size)
     roll.logprobs, roll.entropy = both.unbind(dim=-1)
     roll.ref_logprobs = torch.stack([_frozen_logprobs(run, m, roll) for m in models.refs], dim=1)  # (b, refs, t)
-    roll.values = in_chunks(lambda mb: _values(models.critic, mb), roll, spec.forward_batch_size)
+    with full_weights(run.trained, models.critic):
+        roll.values = in_chunks(lambda mb: _values(models.critic, mb), roll, spec.forward_batch_size)
     roll.extra = {f"kl_{name}": _frozen_logprobs(run, m, roll) for name, m in models.watch.items()}
     return roll
 
@@ -301,9 +350,10 @@ def optimise(run: Run, roll: Rollout, advantages: torch.Tensor, returns: torch.T
             for rows in minibatch.split(micro):
                 mb = roll.select(rows.to(roll.query.device))
                 share = token_share(run, mb.mask)
-                loss, mb_stats = minibatch_loss(run, mb)
-                _check_finite(run, loss, step)
-                acc.backward(loss * (share * acc.num_processes / spec.grad_accum))
+                with acc.accumulate(run.trained):  # gradients sync on the last micro-batch only
+                    loss, mb_stats = minibatch_loss(run, mb)
+                    _check_finite(run, loss, step)
+                    acc.backward(loss * (share * acc.num_processes))  # accelerate divides by grad_accum
                 for key, value in mb_stats.items():
                     epoch_stats[key].append(value * share)
             _optimizer_step(run)
@@ -406,14 +456,17 @@ def save(run: Run, step: int) -> Path | None:
     """A resumable checkpoint of everything the next step depends on."""
     acc = run.accelerator
     acc.wait_for_everyone()
+    # Every process takes part: gathering sharded weights and optimiser state is a collective.
+    optimizer = full_optimizer_state(run.trained, run.optimizer)
+    weights = full_state_dicts(run.trained, TRAINED)
     if not acc.is_main_process:
         return None
-    state = {"step": step, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+    state = {"step": step, "optimizer": optimizer, "scheduler": run.scheduler.state_dict(),
              "kl_ctl": run.kl_ctl.state_dict(), "rng": ckpt.rng_state(), "spec": _resumable(run.spec),
              "global_batch_size": _global_batch(run)}
     # A LoRA policy saves its adapter only; resuming rebuilds it on the init's weights.
     return ckpt.save_checkpoint(run.out, step, run.models.policy, run.models.critic.seq_cls,
-                                run.models.tokenizer, state, run.spec.keep_checkpoints)
+                                run.models.tokenizer, state, run.spec.keep_checkpoints, weights)
 
 
 def _global_batch(run: Run) -> int:
@@ -430,7 +483,7 @@ def _restore(run: Run, resume_dir: Path) -> None:
     if changed:
         raise SoupkitError(f"--resume: {resume_dir} was made with other settings for {', '.join(changed)}; "
                            "resume with the same settings, or start a new --out")
-    run.optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(run.trained, run.optimizer, state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.kl_ctl.load_state_dict(state["kl_ctl"])
     ckpt.set_rng_state(state["rng"])
@@ -452,9 +505,10 @@ def write_final(run: Run) -> Path:
     acc = run.accelerator
     acc.wait_for_everyone()
     final = run.out / "final"
+    weights = full_state_dicts(run.trained, TRAINED)  # a collective when sharded
     if acc.is_main_process:
         with atomic_output_dir(final, force=True) as tmp:
-            _plain_policy(run.models.policy).save_pretrained(tmp)
+            _plain_policy(run.models.policy).save_pretrained(tmp, state_dict=weights and weights[TRAINED[0]])
             run.models.tokenizer.save_pretrained(tmp)
             write_provenance(tmp, {"align": run.spec.model_dump(mode="json")}, _card(run))
     return final

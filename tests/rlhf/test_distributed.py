@@ -13,6 +13,7 @@ with more, each rank splits its own rows, so micro-batches are composed differen
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -34,27 +35,28 @@ SETTINGS = {"steps": 3, "max_new_tokens": 4, "ppo_epochs": 2, "seed": 5, "learni
             "save_every": 1, "temperature": 1.0, "keep_checkpoints": 0, "kl_target": 0.5}
 
 
-def _cli_args(ref: Path, prompts: Path, out: Path, batch_size: int) -> list[str]:
+def _cli_args(ref: Path, prompts: Path, out: Path, batch_size: int, **overrides) -> list[str]:
     args = ["align", "--ref", str(ref), "--prompts", str(prompts), "--reward", good_words_ref(), "--out", str(out),
             "--batch-size", str(batch_size)]
-    for key, value in SETTINGS.items():
+    for key, value in {**SETTINGS, **overrides}.items():
         args += ["--set", f"{key}={value}"]
     return args
 
 
-def _torchrun(args: list[str]) -> str:
-    """``torchrun --nproc_per_node 2 -m soupkit ...``; returns stdout."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "soupkit",
-           *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+def _torchrun(args: list[str], launcher: Path | None = None, env: dict[str, str] | None = None,
+              timeout: int = 180) -> str:
+    """``torchrun --nproc_per_node 2 -m soupkit ...`` (or ``launcher``); returns stdout, then stderr."""
+    target = [str(launcher)] if launcher else ["-m", "soupkit"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *target, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return done.stdout + done.stderr
 
 
-def _one_process(ref: Path, prompts: Path, out: Path, resume: bool = False) -> None:
+def _one_process(ref: Path, prompts: Path, out: Path, resume: bool = False, **overrides) -> None:
     flags = {"ref": [str(ref)], "prompts": str(prompts), "reward": good_words_ref(), "batch_size": 8}
-    train(build_spec(None, flags, [f"{k}={v}" for k, v in SETTINGS.items()]), out=out, resume=resume)
+    train(build_spec(None, flags, [f"{k}={v}" for k, v in {**SETTINGS, **overrides}.items()]), out=out, resume=resume)
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -80,11 +82,23 @@ def _keep_only_first_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on the CPU is checked on Linux")
-def test_two_processes_match_one_and_resume_across_process_counts(tmp_path, sft_a, prompts_txt):
-    one = tmp_path / "one"
-    _one_process(sft_a, prompts_txt, one)
+@pytest.fixture(scope="module")
+def one(tmp_path_factory, sft_a, prompts_txt) -> Path:
+    """The reference: one process, batch 8."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    _one_process(sft_a, prompts_txt, out)
+    return out
 
+
+@pytest.fixture(scope="module")
+def one_unclipped(tmp_path_factory, sft_a, prompts_txt) -> Path:
+    out = tmp_path_factory.mktemp("one-unclipped") / "run"
+    _one_process(sft_a, prompts_txt, out, save_every=0, max_grad_norm="null")
+    return out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on the CPU is checked on Linux")
+def test_two_processes_match_one_and_resume_across_process_counts(tmp_path, sft_a, prompts_txt, one):
     # 2 processes x batch_size 4 == 1 process x 8; the CLI prints once, files are written once.
     two = tmp_path / "two"
     stdout = _torchrun(_cli_args(sft_a, prompts_txt, two, batch_size=4))
@@ -113,3 +127,71 @@ def test_resume_refuses_another_global_batch(tmp_path, sft_a, prompts_txt):
     spec = build_spec(None, flags, [f"{k}={v}" for k, v in {**SETTINGS, "steps": 4}.items()])
     with pytest.raises(SoupkitError, match=r"global batch \(8 = batch_size x processes, now 4\)"):
         train(spec, out=run, resume=True)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on the CPU is checked on Linux")
+def test_fsdp2_full_shard_matches_one_process_and_resumes_either_way(tmp_path, sft_a, prompts_txt, one):
+    """Policy + critic sharded by FSDP2 over 2 processes: the rollout samples from gathered weights,
+    checkpoints hold whole weights and whole optimiser state, so the run equals 1 unsharded process
+    and its checkpoints resume without FSDP (and an unsharded checkpoint resumes under FSDP)."""
+    launcher = Path(__file__).with_name("fsdp2_launch.py")
+    sharded = tmp_path / "fsdp2"
+    stdout = _torchrun(_cli_args(sft_a, prompts_txt, sharded, batch_size=4), launcher)
+    assert "weights sharded (fsdp2)" in stdout and stdout.count("wrote") == 1, stdout
+    _assert_same_run(sharded, one)
+    state = load_state(sharded / "checkpoints" / "step-1" / "policy")
+    assert state.keys() == load_state(sft_a).keys()  # whole tensors under their plain names
+    assert all(t.shape == w.shape for t, w in zip(state.values(), load_state(sft_a).values()))
+
+    fsdp_to_one = _keep_only_first_checkpoint(sharded, tmp_path / "fsdp2-to-one")
+    _one_process(sft_a, prompts_txt, fsdp_to_one, resume=True)
+    _assert_same_run(fsdp_to_one, one)
+
+    one_to_fsdp = _keep_only_first_checkpoint(one, tmp_path / "one-to-fsdp2")
+    _torchrun([*_cli_args(sft_a, prompts_txt, one_to_fsdp, batch_size=4), "--resume"], launcher)
+    _assert_same_run(one_to_fsdp, one)
+
+
+def _launch_env(config: Path) -> dict[str, str]:
+    """The ``ACCELERATE_*`` settings ``accelerate launch --config_file CONFIG`` gives each process,
+    from accelerate's own launcher code (it starts one process on a machine without GPUs, so
+    torchrun starts the two here)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "--num_processes", "2", "-m", "soupkit"])
+    args, defaults, _ = _validate_launch_command(args)
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config) if defaults else ""
+    _, env = prepare_deepspeed_cmd_env(args)
+    return {k: v for k, v in env.items() if k.startswith("ACCELERATE_")}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on the CPU is checked on Linux")
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@pytest.mark.parametrize("config, weights", [("zero2.yaml", "weights replicated"),
+                                             ("zero3.yaml", "weights sharded (zero3)")])
+def test_deepspeed_configs_match_one_process(tmp_path, sft_a, prompts_txt, one_unclipped, config, weights):
+    """The shipped ZeRO-2 / ZeRO-3 configs over 2 processes (DeepSpeed's CPU accelerator, gloo):
+    under ZeRO-3 the policy, critic and the frozen reference load sharded and are gathered for the
+    rollout and for final/, and the run equals 1 process. Gradient clipping is off on both sides:
+    DeepSpeed clips policy and critic by their joint norm, soupkit elsewhere by each one's own
+    (with clipping on, explained variance differs by 1.6e-5 at step 2). The first DeepSpeed run
+    on a machine compiles a small C++ op (about 40 s), hence the longer timeout."""
+    env = _launch_env(ROOT / "configs" / "accelerate" / config)
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
+    out = tmp_path / "ds"
+    log = _torchrun(_cli_args(sft_a, prompts_txt, out, batch_size=4, save_every=0, max_grad_norm="null"),
+                    env=env, timeout=600)
+    assert weights in log and log.count("wrote") == 1, log[-3000:]
+    _assert_same_run(out, one_unclipped)
+
+
+def test_deepspeed_refuses_checkpoints_before_loading(tmp_path, sft_a, prompts_txt, monkeypatch):
+    from soupkit.errors import SoupkitError
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    flags = {"ref": [str(sft_a)], "prompts": str(prompts_txt), "reward": good_words_ref(), "batch_size": 8}
+    spec = build_spec(None, flags, [f"{k}={v}" for k, v in SETTINGS.items()])
+    with pytest.raises(SoupkitError, match=r"checkpoints under DeepSpeed are not supported yet.*--save-every 0"):
+        train(spec, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -160,7 +160,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 
 def _adam_steps(out: Path, step: int) -> int:
     state = torch.load(out / "checkpoints" / f"step-{step}" / "trainer_state.pt", weights_only=True)
-    return int(state["optimizer"]["state"][0]["step"])
+    return int(next(iter(state["optimizer"]["state"].values()))["step"])  # keyed by parameter name
 
 
 def test_epochs_minibatches_accumulation_and_early_stop_count_optimiser_steps(tmp_path, sft_a, reward_model,
