@@ -13,6 +13,10 @@ PYTHONPATH for the TRL runs only:
 Both tools get the same torch thread count (``--threads``, default 1): on a shared 2-vCPU box,
 two OpenMP threads that wait for each other under load made both tools several times slower.
 
+A third process, run alternately with the two, is the floor of any tool built on transformers: it
+only imports torch and the transformers Llama classes both tools load the models with, and exits. Its
+ratio to TRL is the smallest ratio such a tool could reach on this job.
+
 Run:  python benchmarks/ppo_speed.py [--runs 3] [--threads 1] [--work benchmarks/.work/ppo]
 Goal: soupkit at most 0.33x TRL 1.12's time.
 """
@@ -111,6 +115,24 @@ def trl_cmd(work: Path) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, str(script), str(work), str(work / "out-trl")], env
 
 
+# The Llama classes themselves: ``from transformers import AutoModelForCausalLM`` is lazy (2.2 s
+# here) and defers transformers' modelling code to the first ``from_pretrained``.
+FLOOR_SCRIPT = "import torch\nfrom transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification\n"
+
+
+def floor_cmd() -> tuple[list[str], dict[str, str]]:
+    """The imports every transformers-based PPO tool pays before its first Llama loads."""
+    return [sys.executable, "-c", FLOOR_SCRIPT], dict(os.environ)
+
+
+def loop_seconds(work: Path) -> float:
+    """soupkit's own PPO loop: the per-step ``seconds`` of its last run, summed."""
+    import json
+
+    rows = (work / "out-soupkit" / "metrics.jsonl").read_text().splitlines()
+    return sum(json.loads(row)["seconds"] for row in rows)
+
+
 def timed(cmd: list[str], env: dict[str, str], threads: int | None) -> float:
     if threads:
         env = {**env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -147,18 +169,25 @@ def main() -> None:
     LOAD_BEFORE = os.getloadavg()
     args.work.mkdir(parents=True, exist_ok=True)
     build(args.work)
-    times: dict[str, list[float]] = {"soupkit": [], "trl 1.12": []}
-    runners = {"soupkit": soupkit_cmd(args.work), "trl 1.12": trl_cmd(args.work)}
+    times: dict[str, list[float]] = {"soupkit": [], "trl 1.12": [], "floor": []}
+    runners = {"soupkit": soupkit_cmd(args.work), "trl 1.12": trl_cmd(args.work), "floor": floor_cmd()}
+    loops: list[float] = []
     for i in range(args.runs):
-        for name in (("soupkit", "trl 1.12") if i % 2 == 0 else ("trl 1.12", "soupkit")):
+        names = list(runners)
+        for name in names[i % 3:] + names[:i % 3]:  # rotate the order run by run
             times[name].append(timed(*runners[name], args.threads))
             print(f"run {i + 1} {name}: {times[name][-1]:.2f} s", flush=True)
+            if name == "soupkit":
+                loops.append(loop_seconds(args.work))
     med = {name: statistics.median(v) for name, v in times.items()}
     print(f"\n{machine()}; threads per process: {args.threads or 'torch default'}; "
           f"load average before: {LOAD_BEFORE}, after: {os.getloadavg()}")
     for name, values in times.items():
         print(f"{name:9s} median {med[name]:.2f} s  ({min(values):.2f}-{max(values):.2f}, {len(values)} runs)")
+    print(f"soupkit's PPO loop (per-step seconds summed): median {statistics.median(loops):.2f} s "
+          f"for {BATCHES} batches")
     print(f"ratio soupkit / trl 1.12: {med['soupkit'] / med['trl 1.12']:.3f}x  (goal <= 0.33x)")
+    print(f"ratio floor (imports only) / trl 1.12: {med['floor'] / med['trl 1.12']:.3f}x")
 
 
 if __name__ == "__main__":
