@@ -10,11 +10,12 @@ nothing.
 
 ``full_state_dicts``, ``full_optimizer_state`` / ``load_optimizer_state`` read whole weights and
 the optimiser state keyed by parameter name, unsharded, so a checkpoint resumes under any process
-count and any of none / DDP / FSDP2.
+count and any of none / DDP / FSDP2 / DeepSpeed ZeRO-2 / ZeRO-3.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -142,13 +143,15 @@ def _options(**kwargs: Any) -> Any:
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
-    """The optimiser state keyed by parameter name, whole and on the CPU (a collective under
-    FSDP2). ``optimizer`` may be accelerate's wrapper."""
+    """The optimiser state keyed by parameter name, whole and on the CPU, in the layout of torch's
+    ``get_optimizer_state_dict(..., full_state_dict=True)``: ``{"state": {name: {...}},
+    "param_groups": [{..., "params": [names]}]}``. A collective under FSDP2 and DeepSpeed.
+    ``optimizer`` may be accelerate's wrapper."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    if sharding(model) == "zero3":
-        raise SoupkitError("checkpoints under DeepSpeed ZeRO-3 are not supported yet (its optimiser state "
-                           "stays sharded): use FSDP (configs/accelerate/fsdp.yaml) or --save-every 0")
+    engine = _deepspeed_engine(model)
+    if engine is not None:
+        return _zero_optimizer_state(engine)
     return get_optimizer_state_dict(model, _inner(optimizer), options=_options(cpu_offload=True))
 
 
@@ -156,7 +159,107 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: Any, state: dict[str
     """Load ``full_optimizer_state``'s output; each process keeps its own shard of it."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, _inner(optimizer), state, options=_options())
+    engine = _deepspeed_engine(model)
+    target = engine.optimizer.optimizer if engine is not None else _inner(optimizer)
+    # Hyperparameters the target optimiser knows: DeepSpeed may run its own Adam (CPU offload) with
+    # extra group keys such as bias_correction, which torch's AdamW does not take, and vice versa.
+    groups = [{k: v for k, v in saved.items() if k == "params" or k in mine}
+              for saved, mine in zip(state["param_groups"], target.param_groups)]
+    state = {**state, "param_groups": groups}
+    if engine is not None:
+        _load_zero_optimizer_state(engine, state)
+    else:
+        set_optimizer_state_dict(model, _inner(optimizer), state, options=_options())
+
+
+def _deepspeed_engine(model: torch.nn.Module) -> Any:
+    """``model`` when it is a DeepSpeed engine (deepspeed is only looked up if already imported)."""
+    deepspeed = sys.modules.get("deepspeed")
+    return model if deepspeed is not None and isinstance(model, deepspeed.DeepSpeedEngine) else None
+
+
+def _zero_optimizer_state(engine: Any) -> dict[str, Any]:
+    """DeepSpeed ZeRO keeps Adam's moments as fp32 slices of flattened partitions; DeepSpeed's
+    fragment API reassembles each parameter's whole moment (a collective) under its name."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    _link_moments(engine)
+    inner = engine.optimizer.optimizer  # the torch optimizer over this process's fp32 partitions
+    first = next(iter(inner.state.values()), {})
+    keys, step = [k for k in first if k != "step"], first.get("step")
+    state: dict[str, dict[str, Any]] = {}
+    for name, param in _trained_parameters(engine):
+        entry = {k: safe_get_full_optimizer_state(param, k).detach().float().cpu() for k in keys}
+        if step is not None:
+            entry["step"] = torch.as_tensor(step).detach().float().cpu().clone()
+        state[name] = entry
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
+    for group, names in zip(groups, _group_names(engine)):
+        group["params"] = names
+    return {"state": state, "param_groups": groups}
+
+
+def _load_zero_optimizer_state(engine: Any, saved: dict[str, Any]) -> None:
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    inner = engine.optimizer.optimizer
+    keys = sorted({k for entry in saved["state"].values() for k in entry if k != "step"})
+    _create_moments(engine, keys)
+    _link_moments(engine)
+    names = [name for name, _ in _trained_parameters(engine)]
+    missing = sorted(set(names) - set(saved["state"]))
+    if missing:
+        raise SoupkitError(f"--resume: the checkpoint has no optimiser state for {missing[0]} "
+                           f"(and {len(missing) - 1} more parameters)")
+    for name, param in _trained_parameters(engine):
+        for key, value in saved["state"][name].items():
+            if key != "step":
+                safe_set_full_optimizer_state(param, value.to(param.device, torch.float32), key)
+    step = next((entry["step"] for entry in saved["state"].values() if "step" in entry), None)
+    for entry in inner.state.values():  # one entry per flat partition, each with its own step count
+        if step is not None and "step" in entry:
+            old = entry["step"]
+            entry["step"] = (torch.tensor(float(step), dtype=old.dtype, device=old.device) if torch.is_tensor(old)
+                             else type(old)(float(step)))
+    for group, saved_group in zip(inner.param_groups, saved["param_groups"]):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+
+
+@torch.no_grad()
+def _create_moments(engine: Any, keys: list[str]) -> None:
+    """Adam creates its moments at its first step, and a resumed run has not stepped yet: give each
+    of this process's flat fp32 partitions zero moments (``keys``) and a step count, to be
+    overwritten from the checkpoint next."""
+    zero = engine.optimizer
+    inner = zero.optimizer
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups", [])
+    torch_counts = type(inner).__module__.startswith("torch.optim")  # torch keeps step as a tensor
+    for flat in flats:
+        entry = inner.state[flat]
+        for key in keys:
+            entry.setdefault(key, torch.zeros_like(flat))
+        entry.setdefault("step", torch.tensor(0.0) if torch_counts else 0)
+
+
+def _link_moments(engine: Any) -> None:
+    """ZeRO-1/2 map each parameter to its slice of Adam's moments once, right after the first
+    optimiser step of the first group, when the later groups (here the critic) have no moments yet,
+    so theirs stay unmapped (DeepSpeed 0.19.8). Map them again now that every group has them."""
+    zero = engine.optimizer
+    if getattr(zero, "_hp_optimizer_states_linked", None) is not None and len(zero.optimizer.state):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
+def _trained_parameters(engine: Any) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def _group_names(engine: Any) -> list[list[str]]:
+    """Parameter names per optimiser group: soupkit's optimiser has the policy's trainable
+    parameters in group 0 and the critic's in group 1 (``trainer._optimizer``)."""
+    names = [name for name, _ in _trained_parameters(engine)]
+    return [[n for n in names if n.startswith("policy.")], [n for n in names if n.startswith("critic.")]]
 
 
 def _inner(optimizer: Any) -> Any:

@@ -122,7 +122,7 @@ def setup(spec: AlignSpec, sources: Sources, out: Path, resume_dir: Path | None)
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # per-file load/save bars would drown the run's own progress
-    accelerator = _accelerator(spec, resume_dir)
+    accelerator = _accelerator(spec)
     torch.manual_seed(spec.seed)  # the same on every rank: any random init (LoRA's A) agrees
     models = load_models(spec, sources, accelerator.device, resume_dir)
     trained, optimizer = prepare_trained(accelerator, spec, models)
@@ -144,7 +144,7 @@ def setup(spec: AlignSpec, sources: Sources, out: Path, resume_dir: Path | None)
     return run
 
 
-def _accelerator(spec: AlignSpec, resume_dir: Path | None) -> Any:
+def _accelerator(spec: AlignSpec) -> Any:
     """accelerate's ``Accelerator`` for this launch; micro-batches accumulate ``grad_accum`` times
     per optimiser step (accelerate scales the loss, or DeepSpeed does)."""
     import os
@@ -153,9 +153,6 @@ def _accelerator(spec: AlignSpec, resume_dir: Path | None) -> Any:
     from accelerate.utils import InitProcessGroupKwargs
 
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if deepspeed and (spec.save_every or resume_dir is not None):
-        raise SoupkitError("checkpoints under DeepSpeed are not supported yet (its optimiser state stays "
-                           "sharded per process): set --save-every 0, or use FSDP (configs/accelerate/fsdp.yaml)")
     kwargs: dict[str, Any] = {}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         # Several processes without GPUs (torchrun): accelerate joins them (gloo) only when told
@@ -198,7 +195,9 @@ def _clear_previous_run(out: Path) -> None:
 
 def _optimizer(spec: AlignSpec, models: Models) -> torch.optim.Optimizer:
     """AdamW with eps 1e-5 ([N]); the critic may have its own learning rate ([S], OpenRLHF)."""
-    groups = [  # trainable only: a LoRA policy's frozen base takes no optimiser state
+    # Trainable only (a LoRA policy's frozen base takes no optimiser state); policy in group 0,
+    # critic in group 1, which sharding._group_names relies on for DeepSpeed checkpoints.
+    groups = [
         {"params": [p for p in models.policy.parameters() if p.requires_grad], "lr": spec.learning_rate},
         {"params": [p for p in models.critic.parameters() if p.requires_grad],
          "lr": spec.value_learning_rate or spec.learning_rate},

@@ -93,7 +93,7 @@ def one(tmp_path_factory, sft_a, prompts_txt) -> Path:
 @pytest.fixture(scope="module")
 def one_unclipped(tmp_path_factory, sft_a, prompts_txt) -> Path:
     out = tmp_path_factory.mktemp("one-unclipped") / "run"
-    _one_process(sft_a, prompts_txt, out, save_every=0, max_grad_norm="null")
+    _one_process(sft_a, prompts_txt, out, max_grad_norm="null")
     return out
 
 
@@ -170,28 +170,27 @@ def _launch_env(config: Path) -> dict[str, str]:
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 @pytest.mark.parametrize("config, weights", [("zero2.yaml", "weights replicated"),
                                              ("zero3.yaml", "weights sharded (zero3)")])
-def test_deepspeed_configs_match_one_process(tmp_path, sft_a, prompts_txt, one_unclipped, config, weights):
+def test_deepspeed_configs_match_one_process_and_resume_either_way(tmp_path, sft_a, prompts_txt, one_unclipped,
+                                                                    config, weights):
     """The shipped ZeRO-2 / ZeRO-3 configs over 2 processes (DeepSpeed's CPU accelerator, gloo):
     under ZeRO-3 the policy, critic and the frozen reference load sharded and are gathered for the
-    rollout and for final/, and the run equals 1 process. Gradient clipping is off on both sides:
-    DeepSpeed clips policy and critic by their joint norm, soupkit elsewhere by each one's own
-    (with clipping on, explained variance differs by 1.6e-5 at step 2). The first DeepSpeed run
-    on a machine compiles a small C++ op (about 40 s), hence the longer timeout."""
+    rollout, checkpoints and final/; checkpoints hold whole Adam moments under parameter names, so
+    a ZeRO run resumes in 1 plain process and the other way round, and every run equals 1 process.
+    Gradient clipping is off on both sides: DeepSpeed clips policy and critic by their joint norm,
+    soupkit elsewhere by each one's own (with clipping on, explained variance differs by 1.6e-5 at
+    step 2). The first DeepSpeed run on a machine compiles a small C++ op (about 40 s)."""
     env = _launch_env(ROOT / "configs" / "accelerate" / config)
     assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
+    unclipped = {"max_grad_norm": "null"}
     out = tmp_path / "ds"
-    log = _torchrun(_cli_args(sft_a, prompts_txt, out, batch_size=4, save_every=0, max_grad_norm="null"),
-                    env=env, timeout=600)
+    log = _torchrun(_cli_args(sft_a, prompts_txt, out, batch_size=4, **unclipped), env=env, timeout=600)
     assert weights in log and log.count("wrote") == 1, log[-3000:]
     _assert_same_run(out, one_unclipped)
 
+    ds_to_one = _keep_only_first_checkpoint(out, tmp_path / "ds-to-one")
+    _one_process(sft_a, prompts_txt, ds_to_one, resume=True, **unclipped)
+    _assert_same_run(ds_to_one, one_unclipped)
 
-def test_deepspeed_refuses_checkpoints_before_loading(tmp_path, sft_a, prompts_txt, monkeypatch):
-    from soupkit.errors import SoupkitError
-
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    flags = {"ref": [str(sft_a)], "prompts": str(prompts_txt), "reward": good_words_ref(), "batch_size": 8}
-    spec = build_spec(None, flags, [f"{k}={v}" for k, v in SETTINGS.items()])
-    with pytest.raises(SoupkitError, match=r"checkpoints under DeepSpeed are not supported yet.*--save-every 0"):
-        train(spec, out=tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+    one_to_ds = _keep_only_first_checkpoint(one_unclipped, tmp_path / "one-to-ds")
+    _torchrun([*_cli_args(sft_a, prompts_txt, one_to_ds, batch_size=4, **unclipped), "--resume"], env=env)
+    _assert_same_run(one_to_ds, one_unclipped)
