@@ -1,16 +1,16 @@
-"""Whole weights and whole optimiser state from a sharded policy + critic (FSDP2, DeepSpeed ZeRO-3).
+"""Whole weights and whole optimiser state from a sharded policy + critic (FSDP2, DeepSpeed ZeRO).
 
 Under FSDP full shard or ZeRO-3 each process holds a slice of every trained weight; the wrapper's
 own ``forward`` gathers them layer by layer, but the rollout calls the policy *outside* that forward
-(token-by-token sampling, log-probs, values, the LoRA reference with its adapter off) and the
-checkpoint writer reads ``state_dict()``. ``full_weights`` gathers every weight for the duration
-(the cost: one whole copy of policy + critic per process while it lasts, as in TRL's and OpenRLHF's
+(token-by-token sampling, log-probs, values) and the checkpoint writer reads ``state_dict()``.
+``full_weights`` gathers the weights of the whole module or of one part of it for a block (the
+cost: one whole copy of that part per process while it lasts, as in TRL's and OpenRLHF's
 generation under ZeRO-3), without writing anything back. Under DDP or on one process it does
 nothing.
 
 ``full_state_dicts``, ``full_optimizer_state`` / ``load_optimizer_state`` read whole weights and
-the optimiser state keyed by parameter name, unsharded, so a checkpoint resumes under any process
-count and any of none / DDP / FSDP2 / DeepSpeed ZeRO-2 / ZeRO-3.
+the optimiser state keyed by parameter name, unsharded, in one format for every launch (none, DDP,
+FSDP2, DeepSpeed ZeRO-2 / ZeRO-3), so a checkpoint is not tied to the launch that wrote it.
 """
 
 from __future__ import annotations
@@ -51,16 +51,41 @@ def full_weights(module: torch.nn.Module | None, part: torch.nn.Module | None = 
     if kind is None:
         yield
     elif kind == "fsdp2":
-        if modify:
-            raise SoupkitError("internal: FSDP2 weights cannot be modified through full_weights")
         with _fsdp2_unsharded(module, part):
             yield
     else:
         import deepspeed
 
         params = [p for p in part.parameters() if hasattr(p, "ds_id")]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None), \
+                _zero3_hooks_off(_deepspeed_engine(module)):
             yield
+
+
+@contextmanager
+def _zero3_hooks_off(engine: Any) -> Iterator[None]:
+    """A ZeRO-3 engine's module hooks gather each layer before its forward and release it after,
+    each gather a collective. Inside ``full_weights`` that would re-gather layer by layer for every
+    sampled token, and a process whose responses all ended early would run fewer forwards than
+    the others and desynchronise the collectives. So the hooks come off for the block and go back
+    on after it (DeepSpeed 0.19.8's offload object; TRL does the same for generation)."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is None:
+        yield
+        return
+    from deepspeed.runtime.zero import parameter_offload
+
+    for param in offload.module.parameters():
+        param.ds_active_sub_modules.clear()
+    offload.destroy()  # removes the forward/backward hooks
+    offload.forward_hooks, offload.backward_hooks = [], []
+    try:
+        yield
+    finally:
+        offload.setup_zero_stage3_hooks()
+        stack = parameter_offload.FWD_MODULE_STACK  # setup pushes the module again: keep one entry
+        if len(stack) > 1 and stack[-1] is offload.module and stack[-2] is offload.module:
+            stack.pop()
 
 
 def zero3_loading() -> bool:
@@ -84,10 +109,10 @@ def _fsdp2_unsharded(module: torch.nn.Module, part: torch.nn.Module) -> Iterator
     inside = {id(m) for m in part.modules()}
     units = [u for u in every if id(u) in inside or any(m is part for m in u.modules())]
     reshard_after = [_reshards_after_forward(u) for u in units]
-    for unit in units:
-        unit.set_reshard_after_forward(False, recurse=False)
-        unit.unshard()
     try:
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
         yield
     finally:
         for unit, again in zip(units, reshard_after):
@@ -127,12 +152,13 @@ def full_state_dicts(module: torch.nn.Module, names: tuple[str, ...]) -> dict[st
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         every = get_model_state_dict(inner, options=_options(cpu_offload=True))
-    else:
-        import torch.distributed as dist
-
-        with full_weights(module):
-            main = dist.get_rank() == 0
-            every = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()} if main else {}
+    else:  # ZeRO-3: one part gathered at a time, copied to the CPU on the main process only
+        main, parts = torch.distributed.get_rank() == 0, {}
+        for name in names:
+            part = inner.get_submodule(name)
+            with full_weights(module, part):
+                parts[name] = {k: v.detach().cpu().clone() for k, v in part.state_dict().items()} if main else {}
+        return parts
     return {name: {k[len(name) + 1:]: v for k, v in every.items() if k.startswith(name + ".")} for name in names}
 
 
@@ -187,12 +213,16 @@ def _zero_optimizer_state(engine: Any) -> dict[str, Any]:
     inner = engine.optimizer.optimizer  # the torch optimizer over this process's fp32 partitions
     first = next(iter(inner.state.values()), {})
     keys, step = [k for k in first if k != "step"], first.get("step")
+    main = torch.distributed.get_rank() == 0
     state: dict[str, dict[str, Any]] = {}
     for name, param in _trained_parameters(engine):
-        entry = {k: safe_get_full_optimizer_state(param, k).detach().float().cpu() for k in keys}
-        if step is not None:
-            entry["step"] = torch.as_tensor(step).detach().float().cpu().clone()
-        state[name] = entry
+        whole = {k: safe_get_full_optimizer_state(param, k) for k in keys}  # every process gathers
+        if any(v is None for v in whole.values()):
+            raise SoupkitError(f"checkpoint: DeepSpeed has no optimiser state for {name}")
+        if main:  # only the writer keeps a CPU copy
+            state[name] = {k: v.detach().float().cpu() for k, v in whole.items()}
+            if step is not None:
+                state[name]["step"] = torch.as_tensor(step).detach().float().cpu().clone()
     groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
     for group, names in zip(groups, _group_names(engine)):
         group["params"] = names

@@ -59,6 +59,7 @@ from soupkit.rlhf.sharding import (
     full_weights,
     load_optimizer_state,
     sharding,
+    zero3_loading,
 )
 
 Progress = Callable[[int, int, dict[str, Any]], None]
@@ -126,12 +127,14 @@ def setup(spec: AlignSpec, sources: Sources, out: Path, resume_dir: Path | None)
     torch.manual_seed(spec.seed)  # the same on every rank: any random init (LoRA's A) agrees
     models = load_models(spec, sources, accelerator.device, resume_dir)
     trained, optimizer = prepare_trained(accelerator, spec, models)
-    if spec.lora_rank and sharding(trained):
+    kind = sharding(trained)  # on every process: FSDP version 1 is refused here
+    if spec.lora_rank and kind:
         raise SoupkitError("lora_rank under FSDP or DeepSpeed ZeRO-3 is not supported: a LoRA policy's "
                            "gradients and optimiser state are small, use DDP (configs/accelerate/ddp.yaml)")
     if accelerator.num_processes > 1 and accelerator.is_main_process:  # what accelerate made of the launch
+        frozen = "sharded (zero3)" if zero3_loading() else "replicated"
         print(f"align: {accelerator.num_processes} processes ({accelerator.distributed_type.value}), policy + "
-              f"critic weights {'sharded (' + sharding(trained) + ')' if sharding(trained) else 'replicated'}",
+              f"critic weights {'sharded (' + kind + ')' if kind else 'replicated'}, frozen models {frozen}",
               file=sys.stderr, flush=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(spec, step))
     kl_ctl = AdaptiveKL(spec.kl_coef, spec.kl_target, spec.kl_horizon) if spec.kl_target else FixedKL(spec.kl_coef)
@@ -158,6 +161,12 @@ def _accelerator(spec: AlignSpec) -> Any:
         # Several processes without GPUs (torchrun): accelerate joins them (gloo) only when told
         # ``cpu`` (environment-checks.md), but ``cpu`` switches DeepSpeed off, which wants gloo named.
         kwargs = {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]} if deepspeed else {"cpu": True}
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        from accelerate.utils import GradientAccumulationPlugin
+
+        # Reduce-scatter every micro-batch: skipping the sync would hold whole, unsharded gradients.
+        kwargs["gradient_accumulation_plugin"] = GradientAccumulationPlugin(num_steps=spec.grad_accum,
+                                                                            sync_each_batch=True)
     accelerator = Accelerator(**kwargs)
     accelerator.gradient_accumulation_steps = spec.grad_accum
     return accelerator
@@ -355,6 +364,7 @@ def optimise(run: Run, roll: Rollout, advantages: torch.Tensor, returns: torch.T
                     acc.backward(loss * (share * acc.num_processes))  # accelerate divides by grad_accum
                 for key, value in mb_stats.items():
                     epoch_stats[key].append(value * share)
+            assert acc.sync_gradients, "a minibatch must end on a gradient-accumulation boundary"
             _optimizer_step(run)
         for key, values in _sum_over_processes(run, epoch_stats).items():
             stats[key].extend(values)
@@ -482,6 +492,9 @@ def _restore(run: Run, resume_dir: Path) -> None:
     if changed:
         raise SoupkitError(f"--resume: {resume_dir} was made with other settings for {', '.join(changed)}; "
                            "resume with the same settings, or start a new --out")
+    if any(isinstance(key, int) for key in state["optimizer"].get("state", {})):
+        raise SoupkitError(f"--resume: {resume_dir} was written by an earlier soupkit whose optimiser state is "
+                           "keyed by position; it cannot be resumed, start a new --out")
     load_optimizer_state(run.trained, run.optimizer, state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.kl_ctl.load_state_dict(state["kl_ctl"])

@@ -70,6 +70,7 @@ def _assert_same_run(got: Path, want: Path) -> None:
         for key in COMPARED:
             assert row[key] == pytest.approx(ref[key], abs=TOL, nan_ok=True), (row["step"], key)
     final, oracle = load_state(got / "final"), load_state(want / "final")
+    assert final.keys() == oracle.keys()
     for name, tensor in oracle.items():
         assert (final[name] - tensor).abs().max() < TOL, name
 
@@ -137,7 +138,7 @@ def test_fsdp2_full_shard_matches_one_process_and_resumes_either_way(tmp_path, s
     launcher = Path(__file__).with_name("fsdp2_launch.py")
     sharded = tmp_path / "fsdp2"
     stdout = _torchrun(_cli_args(sft_a, prompts_txt, sharded, batch_size=4), launcher)
-    assert "weights sharded (fsdp2)" in stdout and stdout.count("wrote") == 1, stdout
+    assert "weights sharded (fsdp2), frozen models replicated" in stdout and stdout.count("wrote") == 1, stdout
     _assert_same_run(sharded, one)
     state = load_state(sharded / "checkpoints" / "step-1" / "policy")
     assert state.keys() == load_state(sft_a).keys()  # whole tensors under their plain names
@@ -168,8 +169,20 @@ def _launch_env(config: Path) -> dict[str, str]:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on the CPU is checked on Linux")
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-@pytest.mark.parametrize("config, weights", [("zero2.yaml", "weights replicated"),
-                                             ("zero3.yaml", "weights sharded (zero3)")])
+def test_zero3_gathered_weights_stay_whole_for_any_number_of_forwards(sft_a):
+    """Rank 0 runs 1 forward and rank 1 runs 2 inside ``full_weights``: with DeepSpeed's per-layer
+    gather hooks left on, the extra forward's gathers have no partner (rank 1 failed when this was
+    measured) and every token would re-gather each layer."""
+    env = _launch_env(ROOT / "configs" / "accelerate" / "zero3.yaml")
+    log = _torchrun([str(sft_a)], Path(__file__).with_name("zero3_gather_check.py"), env=env, timeout=300)
+    assert "ok rank 0: 1 forwards" in log and "ok rank 1: 2 forwards" in log, log[-3000:]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on the CPU is checked on Linux")
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@pytest.mark.parametrize("config, weights", [
+    ("zero2.yaml", "weights replicated, frozen models replicated"),
+    ("zero3.yaml", "weights sharded (zero3), frozen models sharded (zero3)")])
 def test_deepspeed_configs_match_one_process_and_resume_either_way(tmp_path, sft_a, prompts_txt, one_unclipped,
                                                                     config, weights):
     """The shipped ZeRO-2 / ZeRO-3 configs over 2 processes (DeepSpeed's CPU accelerator, gloo):

@@ -76,3 +76,19 @@ def test_resume_refuses_other_settings(tmp_path, sft_a, prompts_txt):
     train(spec.model_copy(update={"steps": 5}), out=tmp_path / "run", resume=True)  # more steps is fine
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_resume_refuses_a_checkpoint_with_position_keyed_optimiser_state(tmp_path, sft_a, prompts_txt):
+    """Checkpoints from before name-keyed optimiser state: one clear line, not a KeyError."""
+    import pytest
+
+    from soupkit.errors import SoupkitError
+
+    spec = build_spec(None, {**_flags(sft_a, prompts_txt, f"{REWARDS}:good_words"), "steps": 1, "save_every": 1})
+    train(spec.model_copy(update={"steps": 2}), out=tmp_path / "run")
+    state_file = tmp_path / "run" / "checkpoints" / "step-1" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["optimizer"]["state"] = {i: entry for i, entry in enumerate(state["optimizer"]["state"].values())}
+    torch.save(state, state_file)
+    with pytest.raises(SoupkitError, match=r"step-1 was written by an earlier soupkit .* start a new --out"):
+        train(spec.model_copy(update={"steps": 2}), out=tmp_path / "run", resume=True)
