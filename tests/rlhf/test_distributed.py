@@ -168,13 +168,16 @@ def _launch_env(config: Path) -> dict[str, str]:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on the CPU is checked on Linux")
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-def test_zero3_gathered_weights_stay_whole_for_any_number_of_forwards(sft_a):
-    """Rank 0 runs 1 forward and rank 1 runs 2 inside ``full_weights``: with DeepSpeed's per-layer
-    gather hooks left on, the extra forward's gathers have no partner (rank 1 failed when this was
-    measured) and every token would re-gather each layer."""
-    env = _launch_env(ROOT / "configs" / "accelerate" / "zero3.yaml")
-    log = _torchrun([str(sft_a)], Path(__file__).with_name("zero3_gather_check.py"), env=env, timeout=300)
+@pytest.mark.parametrize("mode", ["fsdp2", "zero3"])
+def test_gathered_weights_stay_whole_for_any_number_of_forwards(sft_a, mode):
+    """Rank 0 runs 1 forward and rank 1 runs 2 inside ``full_weights``: under ZeRO-3 with
+    DeepSpeed's per-layer gather hooks left on, the extra forward's gathers had no partner and the
+    run hung (measured while writing this)."""
+    if mode == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
+    env = _launch_env(ROOT / "configs" / "accelerate" / "zero3.yaml") if mode == "zero3" else {}
+    args = [str(sft_a)] + (["--fsdp2"] if mode == "fsdp2" else [])
+    log = _torchrun(args, Path(__file__).with_name("gather_check.py"), env=env, timeout=300)
     assert "ok rank 0: 1 forwards" in log and "ok rank 1: 2 forwards" in log, log[-3000:]
 
 
