@@ -147,6 +147,7 @@ def align(
         bar.stop()
     if is_main_process():  # one line per run, not per process
         _console().print(f"[green]wrote[/] {final}  (metrics: {final.parent / 'metrics.jsonl'})")
+    _end_processes()
 
 
 def _count_progress() -> Any:
@@ -275,12 +276,14 @@ def run_recipe(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: align.steps=10.")] = None,
 ) -> None:
     """Run a recipe's stages in order, skipping the ones already complete."""
-    from soupkit.pipeline import run_pipeline
+    from soupkit.pipeline import main_process, run_pipeline
 
     _quiet_libraries()
     report = run_pipeline(recipe, only=only or [], force=force or [], overrides=set_ or [], log=_log)
     ran = sum(v.count("ran") for v in report.values())
-    _console().print(f"[green]done[/]: {ran} unit(s) run, {sum(len(v) for v in report.values()) - ran} skipped")
+    if main_process():  # once under torchrun / accelerate launch
+        _console().print(f"[green]done[/]: {ran} unit(s) run, {sum(len(v) for v in report.values()) - ran} skipped")
+    _end_processes()
 
 
 @app.command("eval")
@@ -355,6 +358,16 @@ def _render_eval(results: dict[str, Any]) -> None:
     _console().print(table)
     for line in reading(results):
         _console().print(line, highlight=False)
+
+
+def _end_processes() -> None:
+    """Under torchrun / accelerate launch: wait for every process, then close the process group, so
+    no process exits while another still talks to it (an early exit could abort with "terminate
+    called without an active exception" in the communication threads)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,8 @@ from soupkit.recipe import AlignSpec, Recipe, load_recipe, to_plain
 
 STAGES = ("sft", "reward_model", "merge", "align", "eval")
 MARKER = ".soupkit-complete"
+DISTRIBUTED = ("sft", "reward_model", "align")
+"""The stages that train over all processes of a torchrun / accelerate launch."""
 Log = Callable[[str], None]
 
 
@@ -128,9 +130,9 @@ def _align_unit(name: str, seed: int, coef: float, spec: AlignSpec, path: Path, 
         resume = not force and latest_checkpoint(path) is not None
         if resume:
             log(f"  resuming {name} seed {seed} from {latest_checkpoint(path).name}")
-        elif path.exists():
-            shutil.rmtree(path)  # an interrupted run with no checkpoint yet: start it again
-        return train(spec, out=path, force=force, resume=resume)
+        # An interrupted run with no checkpoint yet starts again: ``force`` lets align clear what it
+        # wrote (on the main process only, so several processes never race to delete it).
+        return train(spec, out=path, force=force or (not resume and path.exists()), resume=resume)
 
     return Unit("align", f"{name}/seed-{seed}/kl-{coef:g}", path, to_plain(spec), run)
 
@@ -144,6 +146,13 @@ def run_pipeline(recipe: str | Path | Recipe, *, only: Iterable[str] = (), force
     """Run the stages of ``recipe`` in order; returns what happened to each unit, per stage."""
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     only, force = _check_stages(only, "--only"), _check_stages(force, "--force")
+    if _processes() > 1:
+        if not only or not only <= set(DISTRIBUTED):
+            raise SoupkitError("under a multi-process launch (torchrun, accelerate launch) soupkit run runs the "
+                               f"{', '.join(DISTRIBUTED)} stages only: pick them with --only, and run merge and eval "
+                               "in one process")
+        if not main_process():
+            log = _silent  # one log, from the process that writes the markers
     plan = chain_upstream(units(loaded, log))
     _check_outputs(plan)
     report: dict[str, list[str]] = {}
@@ -199,8 +208,22 @@ def _run_unit(unit: Unit, forced: bool, upstream_ran: bool, log: Log) -> str:
     log(f"[{unit.stage}] {unit.name}: {'redoing' if status != 'new' else 'running'} -> {unit.output}")
     # a stale or unfinished output is replaced; an interrupted align run resumes from its checkpoint
     unit.run(forced or status == "stale" or (status == "partial" and unit.stage != "align"))
-    mark_complete(unit)
+    if main_process():
+        mark_complete(unit)
     return "ran"
+
+
+def _processes() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch (or the only process): the one that writes markers."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _silent(*_: Any) -> None:
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

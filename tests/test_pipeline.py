@@ -122,3 +122,22 @@ def test_a_run_may_set_its_own_kl_coef_and_seed(tmp_path):
                                  "runs": {"ppo": {"output": "x"}}}})
     with pytest.raises(SoupkitError, match=r"align\.runs\.ppo\.output"):
         expand_align(bad.align)
+
+
+def test_interrupted_align_run_without_checkpoint_starts_again(tmp_path, llama_pair):
+    """A run killed before its first checkpoint leaves metrics but no marker: it is trained again
+    from step 1 (align clears its own files), not appended to."""
+    from tests.rlhf.conftest import REWARDS, WORDS
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(" ".join(WORDS[i:i + 3]) for i in range(0, 24)) + "\n")
+    align = {"ref": str(llama_pair[0]), "reward": f"{REWARDS}:good_words", "prompts": str(prompts),
+             "output": str(tmp_path / "align"), "steps": 2, "batch_size": 4, "max_new_tokens": 3,
+             "save_every": 0}
+    run = tmp_path / "align" / "align" / "seed-0"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 7, "reward": 0.0}) + "\n")
+    report = run_pipeline({"align": align}, only=["align"])
+    assert report["align"] == ["ran"]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (run / MARKER).is_file()

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from soupkit.checkpoint import atomic_output_dir, resolve_model_dir, write_provenance
+from soupkit.checkpoint import (
+    atomic_output_dir,
+    check_output_free,
+    resolve_model_dir,
+    write_provenance,
+)
 from soupkit.recipe import RewardModelSpec, SFTSpec, to_plain
 from soupkit.train.data import load_rows
 
@@ -56,6 +63,20 @@ def _fit(trainer: Any, progress: Progress | None) -> None:
         trainer.train()
 
 
+@contextlib.contextmanager
+def _output_dir(out: Path, force: bool) -> Iterator[Path]:
+    """Where this process writes. The main process (the one TRL's Trainer saves from) gets an atomic
+    temporary sibling of ``out``; under torchrun / accelerate launch each other process gets a
+    private scratch directory that is dropped, so only one process ever replaces ``out``."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        with atomic_output_dir(out, force) as tmp:
+            yield tmp
+    else:
+        check_output_free(out, force)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.rank-") as tmp:
+            yield Path(tmp)
+
+
 def _save(trainer: Any, tokenizer: Any, tmp: Path, section: str, spec: Any, card: str) -> None:
     import shutil
 
@@ -74,7 +95,7 @@ def train_sft(spec: SFTSpec, *, force: bool = False, progress: Progress | None =
     base = resolve_model_dir(spec.base, f"sft[{spec.name}].base")
     rows = load_rows(spec.data, spec.split, SFT_COLUMNS, f"sft[{spec.name}].data")
     tokenizer = AutoTokenizer.from_pretrained(base)
-    with atomic_output_dir(Path(spec.output), force) as tmp:
+    with _output_dir(Path(spec.output), force) as tmp:
         model = AutoModelForCausalLM.from_pretrained(base)
         args = _args(SFTConfig, spec, tmp, completion_only_loss=None)
         trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
@@ -92,7 +113,7 @@ def train_reward_model(spec: RewardModelSpec, *, force: bool = False, progress: 
     base = resolve_model_dir(spec.base, "reward_model.base")
     rows = load_rows(spec.data, spec.split, PREF_COLUMNS, "reward_model.data")
     tokenizer = AutoTokenizer.from_pretrained(base)
-    with atomic_output_dir(Path(spec.output), force) as tmp:
+    with _output_dir(Path(spec.output), force) as tmp:
         model = _reward_head(base, tokenizer, spec.seed, AutoModelForSequenceClassification)
         args = _args(RewardConfig, spec, tmp)
         trainer = RewardTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)

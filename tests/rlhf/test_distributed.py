@@ -210,3 +210,61 @@ def test_deepspeed_configs_match_one_process_and_resume_either_way(tmp_path, sft
     one_to_ds = _keep_only_first_checkpoint(one_unclipped, tmp_path / "one-to-ds")
     _torchrun([*_cli_args(sft_a, prompts_txt, one_to_ds, batch_size=4, **unclipped), "--resume"], env=env)
     _assert_same_run(one_to_ds, one_unclipped)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on the CPU is checked on Linux")
+def test_soupkit_run_align_stage_under_two_processes(tmp_path, sft_a, prompts_txt):
+    """``torchrun ... -m soupkit run RECIPE --only align``: every run of the grid trains over both
+    processes, markers and logs are written once, and a second launch skips the finished runs."""
+    import yaml
+
+    align = {"ref": str(sft_a), "reward": good_words_ref(), "prompts": str(prompts_txt), "batch_size": 4,
+             "output": str(tmp_path / "align"), "seeds": [0, 1], "runs": {"ppo": {}},
+             **{k: v for k, v in SETTINGS.items() if k not in ("seed", "save_every")}, "steps": 2}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"align": align}))
+    log = _torchrun(["run", str(recipe), "--only", "align"])
+    assert log.count("done: 2 unit(s) run, 0 skipped") == 1, log[-3000:]
+    assert log.count("[align] ppo/seed-0/kl-0.05: running") == 1, log[-3000:]
+    for seed in (0, 1):
+        run = tmp_path / "align" / "ppo" / f"seed-{seed}"
+        assert (run / "final" / "config.json").is_file() and (run / ".soupkit-complete").is_file()
+        assert [r["step"] for r in _metrics(run)] == [1, 2]
+    assert _metrics(tmp_path / "align" / "ppo" / "seed-0") != _metrics(tmp_path / "align" / "ppo" / "seed-1")
+    again = _torchrun(["run", str(recipe), "--only", "align"])
+    assert again.count("done: 0 unit(s) run, 2 skipped") == 1, again[-3000:]
+
+
+def test_soupkit_run_refuses_other_stages_under_several_processes(tmp_path, sft_a, monkeypatch):
+    from soupkit.errors import SoupkitError
+    from soupkit.pipeline import run_pipeline
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    recipe = {"merge": {"method": "uniform", "models": [str(sft_a), str(sft_a)], "output": str(tmp_path / "soup")}}
+    with pytest.raises(SoupkitError, match="runs the sft, reward_model, align stages only: pick them with --only"):
+        run_pipeline(recipe)
+    assert not (tmp_path / "soup").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on the CPU is checked on Linux")
+def test_soupkit_run_sft_and_reward_model_stages_under_two_processes(tmp_path, sft_a):
+    """TRL trains over both processes; the model is written once, by the main process, and loads."""
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    sft_rows = [{"prompt": "good cat", "completion": " sat on the mat"}] * 16
+    prefs = [{"prompt": "good cat", "chosen": " sat on the mat", "rejected": " bad bad bad"}] * 16
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows))
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
+    common = {"learning_rate": 1e-3, "batch_size": 4, "epochs": 1, "max_length": 16}
+    recipe = {"sft": [{"name": "a", "base": str(sft_a), "data": str(tmp_path / "sft.jsonl"),
+                       "output": str(tmp_path / "sft-a"), **common}],
+              "reward_model": {"base": str(sft_a), "data": str(tmp_path / "prefs.jsonl"),
+                               "output": str(tmp_path / "rm"), **common}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    log = _torchrun(["run", str(tmp_path / "recipe.yaml"), "--only", "sft", "--only", "reward_model"])
+    assert log.count("done: 2 unit(s) run, 0 skipped") == 1, log[-3000:]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "sft-a")
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert (tmp_path / "sft-a" / ".soupkit-complete").is_file() and (tmp_path / "rm" / ".soupkit-complete").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial or scratch dirs left
