@@ -268,3 +268,17 @@ def test_soupkit_run_sft_and_reward_model_stages_under_two_processes(tmp_path, s
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     assert (tmp_path / "sft-a" / ".soupkit-complete").is_file() and (tmp_path / "rm" / ".soupkit-complete").is_file()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial or scratch dirs left
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on the CPU is checked on Linux")
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_deepspeed_steps_once_per_minibatch_with_gradient_accumulation(tmp_path, sft_a, prompts_txt):
+    """grad_accum 2 x ppo_epochs 2 x minibatches 1: DeepSpeed takes 2 optimiser steps per PPO step,
+    as one process does (it would take 4 if it stepped after every micro-batch)."""
+    import torch
+
+    out = tmp_path / "ds"
+    env = _launch_env(ROOT / "configs" / "accelerate" / "zero3.yaml")
+    _torchrun(_cli_args(sft_a, prompts_txt, out, batch_size=4, steps=2, grad_accum=2), env=env, timeout=600)
+    state = torch.load(out / "checkpoints" / "step-1" / "trainer_state.pt", weights_only=True)
+    assert {int(entry["step"]) for entry in state["optimizer"]["state"].values()} == {2}
