@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import time
 from pathlib import Path
@@ -28,6 +29,19 @@ def build_llama_pair(work: Path) -> list[Path]:
             model.save_pretrained(path)
         paths.append(path)
     return paths
+
+
+def pair_benchmark(description: str, name: str) -> tuple[argparse.Namespace, Path, Path, Path]:
+    """The command line shared by the two-checkpoint benchmarks (``--runs``, ``--work``), the work
+    folder created, and the pair built in it: ``(args, work, a, b)``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path(__file__).parent / ".work" / name)
+    args = parser.parse_args()
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    a, b = build_llama_pair(work)
+    return args, work, a, b
 
 
 def rss_anon(pid: int) -> int:

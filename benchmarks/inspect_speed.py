@@ -12,7 +12,6 @@ Run:  python benchmarks/inspect_speed.py [--runs 3] [--work benchmarks/.work/ins
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -21,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import build_llama_pair, run_sampled, warm  # noqa: E402
+from common import pair_benchmark, run_sampled, warm  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PLAIN = '''
@@ -45,13 +44,7 @@ def commands(work: Path, a: Path, b: Path) -> dict[str, list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--work", type=Path, default=Path(__file__).parent / ".work" / "inspect")
-    args = parser.parse_args()
-    work = args.work.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    a, b = build_llama_pair(work)
+    args, work, a, b = pair_benchmark(__doc__.splitlines()[0], "inspect")
     cmds = commands(work, a, b)
     results: dict[str, list[tuple[float, int]]] = {name: [] for name in cmds}
     plain_out = ""

@@ -11,7 +11,6 @@ Run:  python benchmarks/merge_speed.py [--runs 3] [--work benchmarks/.work/merge
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import build_llama_pair, run_sampled, warm  # noqa: E402
+from common import pair_benchmark, run_sampled, warm  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -64,13 +63,7 @@ def same_weights(work: Path) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--work", type=Path, default=Path(__file__).parent / ".work" / "merge")
-    args = parser.parse_args()
-    work = args.work.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    a, b = build_llama_pair(work)
+    args, work, a, b = pair_benchmark(__doc__.splitlines()[0], "merge")
     write_recipes(work, a, b)
     cmds = commands(work)
     results: dict[str, list[tuple[float, int]]] = {name: [] for name in cmds}

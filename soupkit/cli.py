@@ -123,9 +123,9 @@ def align(
 
     Data parallel: torchrun --nproc_per_node N -m soupkit align ... (or accelerate launch -m soupkit align ...).
     """
+    from soupkit.launch import main_process
     from soupkit.rlhf import build_spec, train
     from soupkit.rlhf.config import parse_watch
-    from soupkit.rlhf.trainer import is_main_process
 
     flags = dict(ref=ref, reward=reward, prompts=prompts, init=init, steps=steps, batch_size=batch_size,
                  max_new_tokens=max_new_tokens, learning_rate=learning_rate, kl_coef=kl_coef,
@@ -145,7 +145,7 @@ def align(
         final = train(spec, resume=resume, force=force, progress=progress)
     finally:
         bar.stop()
-    if is_main_process():  # one line per run, not per process
+    if main_process():  # one line per run, not per process
         _console().print(f"[green]wrote[/] {final}  (metrics: {final.parent / 'metrics.jsonl'})")
     _end_processes()
 
@@ -276,7 +276,8 @@ def run_recipe(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: align.steps=10.")] = None,
 ) -> None:
     """Run a recipe's stages in order, skipping the ones already complete."""
-    from soupkit.pipeline import main_process, run_pipeline
+    from soupkit.launch import main_process
+    from soupkit.pipeline import run_pipeline
 
     _quiet_libraries()
     report = run_pipeline(recipe, only=only or [], force=force or [], overrides=set_ or [], log=_log)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from soupkit.errors import SoupkitError
+from soupkit.launch import main_process, processes
 from soupkit.recipe import AlignSpec, Recipe, load_recipe, to_plain
 
 STAGES = ("sft", "reward_model", "merge", "align", "eval")
@@ -146,7 +146,7 @@ def run_pipeline(recipe: str | Path | Recipe, *, only: Iterable[str] = (), force
     """Run the stages of ``recipe`` in order; returns what happened to each unit, per stage."""
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     only, force = _check_stages(only, "--only"), _check_stages(force, "--force")
-    if _processes() > 1:
+    if processes() > 1:
         if not only or not only <= set(DISTRIBUTED):
             raise SoupkitError("under a multi-process launch (torchrun, accelerate launch) soupkit run runs the "
                                f"{', '.join(DISTRIBUTED)} stages only: pick them with --only, and run merge and eval "
@@ -211,15 +211,6 @@ def _run_unit(unit: Unit, forced: bool, upstream_ran: bool, log: Log) -> str:
     if main_process():
         mark_complete(unit)
     return "ran"
-
-
-def _processes() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def main_process() -> bool:
-    """Rank 0 of a torchrun / accelerate launch (or the only process): the one that writes markers."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _silent(*_: Any) -> None:

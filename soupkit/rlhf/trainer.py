@@ -25,6 +25,7 @@ import torch
 
 from soupkit.checkpoint import atomic_output_dir, check_output_free, write_provenance
 from soupkit.errors import SoupkitError
+from soupkit.launch import processes
 from soupkit.recipe import AlignSpec
 from soupkit.rlhf import checkpoints as ckpt
 from soupkit.rlhf.advantage import (
@@ -157,7 +158,7 @@ def _accelerator(spec: AlignSpec) -> Any:
 
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     kwargs: dict[str, Any] = {}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+    if processes() > 1 and not torch.cuda.is_available():
         # Several processes without GPUs (torchrun): accelerate joins them (gloo) only when told
         # ``cpu`` (environment-checks.md), but ``cpu`` switches DeepSpeed off, which wants gloo named.
         kwargs = {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]} if deepspeed else {"cpu": True}
@@ -183,13 +184,6 @@ def prepare_trained(accelerator: Any, spec: AlignSpec, models: Models) -> tuple[
             train_batch_size=micro * spec.grad_accum * accelerator.num_processes,
             gradient_clipping=spec.max_grad_norm or 0.0)
     return accelerator.prepare(PolicyAndValue(models.policy, models.critic), _optimizer(spec, models))
-
-
-def is_main_process() -> bool:
-    """True in the process that writes outputs (the only one, without torchrun/accelerate launch)."""
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
 
 
 def _clear_previous_run(out: Path) -> None:

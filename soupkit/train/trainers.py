@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from soupkit.checkpoint import (
     resolve_model_dir,
     write_provenance,
 )
+from soupkit.launch import main_process
 from soupkit.recipe import RewardModelSpec, SFTSpec, to_plain
 from soupkit.train.data import load_rows
 
@@ -68,7 +68,7 @@ def _output_dir(out: Path, force: bool) -> Iterator[Path]:
     """Where this process writes. The main process (the one TRL's Trainer saves from) gets an atomic
     temporary sibling of ``out``; under torchrun / accelerate launch each other process gets a
     private scratch directory that is dropped, so only one process ever replaces ``out``."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main_process():
         with atomic_output_dir(out, force) as tmp:
             yield tmp
     else:

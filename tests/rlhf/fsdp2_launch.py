@@ -19,15 +19,20 @@ from soupkit.rlhf import trainer
 from soupkit.rlhf.sharding import sharding
 
 
-def prepare_fsdp2(accelerator, spec, models):
-    module = trainer.PolicyAndValue(models.policy, models.critic)
-    mesh = init_device_mesh("cpu", (accelerator.num_processes,))
+def shard(module, processes: int):
+    """``fully_shard`` each layer whose class ``module`` lists in ``_no_split_modules``, then the root."""
+    mesh = init_device_mesh("cpu", (processes,))
     layers = set(module._no_split_modules)
-    assert layers, "PolicyAndValue lists no layer classes to shard"
+    assert layers, f"{type(module).__name__} lists no layer classes to shard"
     for sub in list(module.modules()):
         if type(sub).__name__ in layers:
             fully_shard(sub, mesh=mesh)
     fully_shard(module, mesh=mesh)
+    return module
+
+
+def prepare_fsdp2(accelerator, spec, models):
+    module = shard(trainer.PolicyAndValue(models.policy, models.critic), accelerator.num_processes)
     if accelerator.is_main_process:
         print(f"sharding: {sharding(module)}", flush=True)
     return module, trainer._optimizer(spec, models)

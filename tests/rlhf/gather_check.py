@@ -30,15 +30,10 @@ def zero3(model_dir: str) -> tuple[Accelerator, torch.nn.Module, torch.nn.Module
 
 
 def fsdp2(model_dir: str) -> tuple[Accelerator, torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from tests.rlhf.fsdp2_launch import shard
 
     accelerator = Accelerator(cpu=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    mesh = init_device_mesh("cpu", (accelerator.num_processes,))
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = shard(AutoModelForCausalLM.from_pretrained(model_dir), accelerator.num_processes)
     return accelerator, model, model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
