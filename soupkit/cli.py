@@ -64,6 +64,9 @@ def _bytes_progress(description: str) -> Any:
                     TransferSpeedColumn(), TimeRemainingColumn(), console=_stderr(), transient=True)
 
 
+CHAT_HELP = "Chat template: auto (the tokenizer's, if any), always, never, chatml, or a .jinja file."
+
+
 @app.command()
 @user_errors
 def merge(
@@ -98,7 +101,7 @@ def align(
     recipe: Annotated[Path | None, typer.Argument(help="Optional recipe YAML with an align: section.")] = None,
     ref: Annotated[list[str] | None, typer.Option("--ref", help="Frozen KL reference (dir or Hub id); repeat for several.")] = None,
     reward: Annotated[str | None, typer.Option("--reward", help="Reward model dir, or module:function / file.py:function.")] = None,
-    prompts: Annotated[str | None, typer.Option("--prompts", help="Prompts: .jsonl (prompt field), .txt, or a dataset.")] = None,
+    prompts: Annotated[str | None, typer.Option("--prompts", help="Prompts: .jsonl or a dataset (any TRL format), or .txt.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (overrides align.output).")] = None,
     init: Annotated[str | None, typer.Option("--init", help="Policy start (default: the reference).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="PPO steps.")] = None,
@@ -115,6 +118,7 @@ def align(
     bf16: Annotated[bool, typer.Option("--bf16", help="Frozen models in bf16, forwards under bf16 autocast.")] = False,
     offload_frozen: Annotated[bool, typer.Option("--offload-frozen", help="Keep ref/reward/watch models on the CPU between passes.")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in backward.")] = False,
+    chat_template: Annotated[str | None, typer.Option("--chat-template", help=CHAT_HELP)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a setting: align.kl_estimator=k3.")] = None,
@@ -132,7 +136,7 @@ def align(
                  ppo_epochs=ppo_epochs, minibatches=minibatches, seed=seed, save_every=save_every,
                  watch=parse_watch(watch or []), output=str(out) if out else None, lora_rank=lora_rank,
                  bf16=bf16 or None, offload_frozen=offload_frozen or None,
-                 gradient_checkpointing=gradient_checkpointing or None)
+                 gradient_checkpointing=gradient_checkpointing or None, chat_template=chat_template)
     spec = build_spec(recipe, flags, set_ or [])
     bar = _steps_progress()  # started on the first step, so input errors print without a bar
     task = bar.add_task("align", total=spec.steps, reward=float("nan"), kl=float("nan"))
@@ -176,7 +180,7 @@ def _steps_progress() -> Any:
 def inspect(
     models: Annotated[list[str], typer.Argument(help="Two or more checkpoints (directories or Hub ids).")],
     base: Annotated[str | None, typer.Option("--base", help="Common base model: task-vector cosine and sign conflicts.")] = None,
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="Probe texts: .jsonl (prompt/text field) or .txt.")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="Probe texts: .jsonl (any TRL format, or text) or .txt.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
     plots: Annotated[Path | None, typer.Option("--plots", help="Write PNG plots into this directory.")] = None,
     path: Annotated[bool, typer.Option("--path", help="Loss along the line between A and B (plane for three models).")] = False,
@@ -185,6 +189,7 @@ def inspect(
     soup: Annotated[str | None, typer.Option("--soup", help="Which model is the soup of the others (default: from soupkit_recipe.yaml).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --json file or --plots directory.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) checkpoints; they can run code.")] = False,
+    chat_template: Annotated[str, typer.Option("--chat-template", help=CHAT_HELP)] = "auto",
 ) -> None:
     """Weight distances, output KL, interpolation path, and a verdict: can these be souped?"""
     from rich.progress import Progress
@@ -202,7 +207,7 @@ def inspect(
 
         result = run_inspect(models, json_out=json_out, plots=plots, force=force, base=base, prompts=prompts,
                              path=path, reward=reward, points=points, soup=soup, allow_pickle=allow_pickle,
-                             progress=progress)
+                             chat_template=chat_template, progress=progress)
     _render_inspect(result, verdict(result), [p for p in (json_out, plots) if p is not None])
 
 
@@ -292,6 +297,7 @@ def run_recipe(
 def eval_recipe(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML with align: and eval: sections.")],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing eval output.")] = False,
+    chat_template: Annotated[str | None, typer.Option("--chat-template", help=CHAT_HELP + " Default: each run's own.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: eval.bootstrap=500.")] = None,
 ) -> None:
     """Evaluate every align run of RECIPE on held-out prompts: rewards, win rates, KL, with 95% CIs."""
@@ -299,7 +305,8 @@ def eval_recipe(
     from soupkit.recipe import load_recipe
 
     _quiet_libraries()
-    loaded = load_recipe(recipe, set_ or [])
+    overrides = (set_ or []) + ([f"eval.chat_template={chat_template}"] if chat_template else [])
+    loaded = load_recipe(recipe, overrides)
     with _count_progress() as bar:
         task = bar.add_task("evaluating policies", total=None)
         results = run_eval(loaded, force=force, progress=lambda d, t: bar.update(task, completed=d, total=t))

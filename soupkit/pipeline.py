@@ -40,7 +40,24 @@ class Unit:
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A hash of the settings, and of the contents of any ``.jinja`` chat template they name (an
+    edited template file changes every output rendered with it)."""
+    digests = template_digests(settings)
+    payload = {"settings": settings, "templates": digests} if digests else settings  # old markers stay valid
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def template_digests(data: Any) -> dict[str, str]:
+    """``{path: sha256}`` of every ``chat_template: PATH.jinja`` file found in nested settings."""
+    if isinstance(data, list):
+        return {k: v for item in data for k, v in template_digests(item).items()}
+    if not isinstance(data, dict):
+        return {}
+    out = {k: v for item in data.values() for k, v in template_digests(item).items()}
+    value = data.get("chat_template")
+    if isinstance(value, str) and value.endswith(".jinja") and Path(value).expanduser().is_file():
+        out[value] = hashlib.sha256(Path(value).expanduser().read_bytes()).hexdigest()
+    return out
 
 
 def state(unit: Unit) -> str:
@@ -253,7 +270,7 @@ def _sampling(spec: Any, run: AlignSpec) -> Any:
     from soupkit.evaluation.sampling import Sampling
 
     return Sampling(spec.max_new_tokens or run.max_new_tokens, spec.temperature or run.temperature,
-                    run.top_p, spec.seed, run.max_prompt_tokens)
+                    run.top_p, spec.seed, run.max_prompt_tokens, spec.chat_template or run.chat_template)
 
 
 def _path_report(spec: Any, reward: str) -> dict[str, Any]:

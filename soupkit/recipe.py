@@ -11,14 +11,25 @@ import copy
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from soupkit.chat import check_setting
 from soupkit.errors import SoupkitError, did_you_mean
 
 NATIVE_METHODS = ("uniform", "weighted", "layerwise")
+ChatTemplate = Annotated[str, AfterValidator(check_setting)]
+"""auto | always | never | chatml | PATH.jinja (``soupkit.chat``)."""
 Dtype = Literal["float32", "float16", "bfloat16"]
 
 
@@ -91,6 +102,15 @@ class MergeSpec(Strict):
     """Method-wide parameters for mergekit methods (``t`` for slerp, ``normalize``, ...)."""
     shard_size: str | int = "5GB"
     """Largest output shard, e.g. ``5GB`` or ``500MB``."""
+    chat_template: ChatTemplate | None = None
+    """The soup's chat template: default the ingredients' own (which must agree); chatml or PATH.jinja set one."""
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat(cls, value: str | None) -> str | None:
+        if value in ("auto", "always", "never"):
+            raise ValueError("a merge takes chatml or a .jinja file; leave it out to keep the ingredients' template")
+        return value
 
     @field_validator("shard_size")
     @classmethod
@@ -163,6 +183,8 @@ class AlignSpec(Strict):
     """Field holding the prompt text in a ``.jsonl`` file or dataset."""
     prompt_split: str = "train"
     """Split to read when ``prompts`` is a Hub dataset."""
+    chat_template: ChatTemplate = "auto"
+    """auto | always | never | chatml | PATH.jinja: how prompts are rendered (see ``soupkit.chat``)."""
     output: str | None = None
     """Output directory (``--out`` overrides it)."""
     watch: dict[str, str] = {}
@@ -291,7 +313,9 @@ class TrainSpec(Strict):
     batch_size: int = Field(8, ge=1)
     """Examples per device per optimiser step."""
     max_length: int = Field(1024, ge=8)
-    """Longer examples are truncated."""
+    """Longer examples are truncated (SFT) or dropped (reward model, as TRL does)."""
+    chat_template: ChatTemplate = "auto"
+    """auto | always | never | chatml | PATH.jinja; saved with the output's tokenizer (``soupkit.chat``)."""
 
 
 class SFTSpec(TrainSpec):
@@ -328,6 +352,8 @@ class EvalSpec(Strict):
     """Field holding the prompt text."""
     prompt_split: str = "test"
     """Split to read when ``prompts`` is a Hub dataset."""
+    chat_template: ChatTemplate | None = None
+    """How prompts are rendered (default: each align run's ``chat_template``)."""
     output: str
     """Directory for results.json, report.md and plots."""
     baseline: str | None = None

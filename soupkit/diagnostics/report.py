@@ -15,8 +15,10 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from soupkit.chat import checked_setting, render, use_template
 from soupkit.checkpoint import Checkpoint, check_output_free
 from soupkit.errors import SoupkitError
+from soupkit.formats import Prompt
 from soupkit.merge.preflight import (
     check_same_architecture,
     check_same_tensors,
@@ -36,9 +38,10 @@ class Inputs:
     ckpts: list[Checkpoint]
     base: Checkpoint | None
     names: list[str]
-    texts: list[str] | None
+    texts: list[Prompt] | None
     soup: int | None
     reward: Any
+    chat_template: str = "auto"
 
     @property
     def order(self) -> list[int]:
@@ -85,7 +88,8 @@ def find_soup(ckpts: Sequence[Checkpoint], soup: str | None) -> int | None:
 
 
 def prepare(models: Sequence[str], base: str | None, prompts: str | Path | None, path: bool,
-            reward: str | None, points: int, soup: str | None, allow_pickle: bool) -> Inputs:
+            reward: str | None, points: int, soup: str | None, allow_pickle: bool,
+            chat_template: str = "auto") -> Inputs:
     """Open and check everything; raises ``SoupkitError`` before any weight is read."""
     from soupkit.diagnostics.texts import read_texts
 
@@ -105,7 +109,8 @@ def prepare(models: Sequence[str], base: str | None, prompts: str | Path | None,
     names = check_same_tensors(everyone)
     texts = read_texts(prompts) if prompts is not None else None
     reward_fn = _reward(reward)
-    return Inputs(list(models), ckpts, base_ckpt, names, texts, find_soup(ckpts, soup), reward_fn)
+    return Inputs(list(models), ckpts, base_ckpt, names, texts, find_soup(ckpts, soup), reward_fn,
+                  checked_setting(chat_template, "--chat-template"))
 
 
 def _reward(spec: str | None) -> Any:
@@ -136,18 +141,20 @@ def output_pass(inp: Inputs, pairs: list[dict[str, Any]], want_path: bool, point
     from soupkit.diagnostics.texts import encode, load_lm, load_tokenizer, pad_id
 
     tok = load_tokenizer(inp.ckpts[inp.order[0]].path)
-    ids = encode(tok, inp.texts or [])
+    template = use_template(tok, inp.chat_template, f"model {inp.refs[inp.order[0]]}")
+    texts = render(tok, inp.texts or [], template, "--prompts")
+    ids = encode(tok, texts, special_tokens=template is None)  # a template writes its own special tokens
     lms = {i: load_lm(inp.ckpts[i].path, f"model {i + 1}") for i in inp.order}
     stats, _ = output_stats([lms[i] for i in inp.order], ids, pad_id(tok), progress)
     for pair, s in zip(pairs, stats):
         pair.update(s)
     if not want_path:
         return None
-    return path_pass(inp, lms, tok, ids, points, progress)
+    return path_pass(inp, lms, tok, ids, points, progress, texts, template is not None)
 
 
 def path_pass(inp: Inputs, lms: dict[int, Any], tok: Any, ids: list[list[int]], points: int,
-              progress: Progress | None) -> dict[str, Any]:
+              progress: Progress | None, texts: list[str], chat: bool) -> dict[str, Any]:
     """Line between the first two ingredients; plane when there are exactly three."""
     from soupkit.diagnostics import path as P
     from soupkit.diagnostics.reward import mean_reward
@@ -156,7 +163,7 @@ def path_pass(inp: Inputs, lms: dict[int, Any], tok: Any, ids: list[list[int]], 
     corners = inp.ingredients[:3]
     sources = [P.snapshot(lms[i]) for i in corners]
     work = load_lm(inp.ckpts[corners[0]].path, "model")
-    score = mean_reward(inp.reward, tok, inp.texts or []) if inp.reward else None
+    score = mean_reward(inp.reward, tok, inp.texts or [], texts, chat) if inp.reward else None
     out = {"a": inp.refs[corners[0]], "b": inp.refs[corners[1]],
            **P.line(work, sources[:2], ids, pad_id(tok), points, score, progress)}
     if len(inp.ingredients) == 3:
@@ -167,14 +174,14 @@ def path_pass(inp: Inputs, lms: dict[int, Any], tok: Any, ids: list[list[int]], 
 
 def report(models: Sequence[str], *, base: str | None = None, prompts: str | Path | None = None,
            path: bool = False, reward: str | None = None, points: int = 9, soup: str | None = None,
-           allow_pickle: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+           allow_pickle: bool = False, chat_template: str = "auto", progress: Progress | None = None) -> dict[str, Any]:
     """Measure ``models`` (paths or Hub ids) and return the JSON-ready report.
 
     ``{"models": [...], "pairs": [{"a", "b", "l2", "relative_l2", "cosine", "task_cosine",
     "sign_conflict", "kl", "kl_reverse", "js", "top1_agreement", "layers": [...], ...}],
     "path": {...}}``; keys are absent when not computed. A soup's pairs put the soup as ``a``.
     """
-    inp = prepare(models, base, prompts, path, reward, points, soup, allow_pickle)
+    inp = prepare(models, base, prompts, path, reward, points, soup, allow_pickle, chat_template)
     try:
         pairs = weight_pairs(inp, progress)
         result: dict[str, Any] = {"models": inp.refs, "pairs": pairs}

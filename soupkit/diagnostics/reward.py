@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from soupkit.errors import SoupkitError
+from soupkit.formats import Prompt
 
-RewardFn = Callable[[list[str], list[str]], list[float]]
+RewardFn = Callable[[list[Prompt], list[str], bool], list[float]]
+"""``(prompts, completions, chat) -> scores``; ``chat``: the prompts were rendered with a chat template."""
 MAX_NEW_TOKENS = 32
 SEED = 0
 
@@ -29,8 +31,10 @@ def load_reward(spec: str) -> RewardFn:
     if Path(spec).is_dir():
         return _model_reward(Path(spec))
     if is_function_ref(spec):
+        from soupkit.rlhf.reward import trl_completions
+
         fn = load_reward_fn(spec)
-        return lambda prompts, completions: fn(prompts, completions)
+        return lambda prompts, completions, chat: fn(prompts, trl_completions(prompts, completions))
     raise SoupkitError(f"--reward {spec!r}: neither a reward-model directory nor module:function")
 
 
@@ -45,7 +49,18 @@ def _model_reward(path: Path) -> RewardFn:
         raise SoupkitError(f"--reward {path}: cannot load a sequence-classification model ({exc})") from None
     if model.config.num_labels != 1 or not hasattr(model, "score"):
         raise SoupkitError(f"--reward {path}: expected one label and a 'score' head")
-    return lambda prompts, completions: score_last_token(model, tok, [p + c for p, c in zip(prompts, completions)])
+    return lambda prompts, completions, chat: _model_scores(model, tok, prompts, completions, chat)
+
+
+def _model_scores(model: Any, tok: Any, prompts: list[Prompt], completions: list[str], chat: bool) -> list[float]:
+    """A conversation rendered with the reward model's chat template (as TRL trains it) when the
+    prompts are chat prompts and it has one; else prompt + completion as plain text."""
+    from soupkit.chat import own_template
+    from soupkit.rlhf.reward import ModelReward, conversation_scores
+
+    if chat and own_template(tok) is not None:
+        return conversation_scores(ModelReward(model, tok, tok), prompts, completions, "cpu").tolist()
+    return score_last_token(model, tok, [p + c for p, c in zip(prompts, completions)])
 
 
 def score_last_token(model: Any, tok: Any, texts: list[str]) -> list[float]:
@@ -63,17 +78,19 @@ def score_last_token(model: Any, tok: Any, texts: list[str]) -> list[float]:
     return last_token_scores(model, input_ids, mask).tolist()
 
 
-def sample(model: Any, tok: Any, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
-    """One sampled completion per prompt (temperature 1, fixed seed: the same noise at each point)."""
+def sample(model: Any, tok: Any, texts: list[str], chat: bool, max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    """One sampled completion per rendered prompt (temperature 1, fixed seed: the same noise at
+    each point); generation stops at every ``eos_token_id`` of the model's generation config."""
     import torch
 
     torch.manual_seed(SEED)
     tok.padding_side = "left"  # generation continues at the right edge of every row
-    enc = tok(prompts, return_tensors="pt", padding=True)
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
     with torch.no_grad():
         out = model.generate(**enc, do_sample=True, top_k=0, max_new_tokens=max_new_tokens,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    return [_join(tok.decode(row[enc.input_ids.shape[1]:], skip_special_tokens=True)) for row in out]
+    decoded = [tok.decode(row[enc.input_ids.shape[1]:], skip_special_tokens=True) for row in out]
+    return decoded if chat else [_join(c) for c in decoded]
 
 
 def _join(completion: str) -> str:
@@ -81,12 +98,13 @@ def _join(completion: str) -> str:
     return completion if not completion or completion[0].isspace() else " " + completion
 
 
-def mean_reward(fn: RewardFn, tok: Any, prompts: list[str]) -> Callable[[Any], float]:
-    """``model -> mean reward of its sampled completions`` over ``prompts``."""
+def mean_reward(fn: RewardFn, tok: Any, prompts: list[Prompt], texts: list[str], chat: bool) -> Callable[[Any], float]:
+    """``model -> mean reward of its sampled completions`` over ``prompts`` (fed as ``texts``,
+    rendered with the chat template when ``chat``)."""
 
     def score(model: Any) -> float:
-        completions = sample(model, tok, prompts)
-        values = fn(prompts, completions)
+        completions = sample(model, tok, texts, chat)
+        values = fn(prompts, completions, chat)
         if len(values) != len(prompts):
             raise SoupkitError(f"--reward returned {len(values)} scores for {len(prompts)} prompts")
         return float(sum(values) / len(values))

@@ -12,26 +12,27 @@ from pathlib import Path
 from typing import Any
 
 from soupkit.errors import SoupkitError
-from soupkit.rlhf.prompts import read_jsonl_field
+from soupkit.formats import Prompt
+from soupkit.rlhf.prompts import load_prompts
 
 MAX_TOKENS = 512
 BATCH = 8
 
 
-def read_texts(path: str | Path) -> list[str]:
-    """Texts from ``.jsonl`` (a ``prompt`` or ``text`` field per line) or ``.txt`` (one per line)."""
+def read_texts(path: str | Path) -> list[Prompt]:
+    """Probe texts from ``.jsonl`` (rows of any TRL format, or a ``text`` field) or ``.txt`` (one
+    per line); rendered with the chat template later, when the tokenizer is known."""
     path = Path(path)
     if not path.is_file():
         raise SoupkitError(f"--prompts {path}: no such file")
     if path.suffix not in (".jsonl", ".txt"):
         raise SoupkitError(f"--prompts {path}: expected a .jsonl or .txt file")
-    if path.suffix == ".jsonl":
-        texts = read_jsonl_field(path, ("prompt", "text"))
-    else:
-        texts = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if not texts:
+    if not path.read_text(encoding="utf-8").strip():
         raise SoupkitError(f"--prompts {path}: no texts in the file")
-    return texts
+    try:
+        return load_prompts(str(path), text=True)
+    except SoupkitError as exc:
+        raise SoupkitError(f"--prompts {exc}") from None
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -44,9 +45,9 @@ def load_tokenizer(model_dir: Path) -> Any:
         raise SoupkitError(f"{model_dir}: no usable tokenizer for --prompts ({type(exc).__name__})") from None
 
 
-def encode(tokenizer: Any, texts: list[str], max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+def encode(tokenizer: Any, texts: list[str], max_tokens: int = MAX_TOKENS, special_tokens: bool = True) -> list[list[int]]:
     """Token ids per text, truncated to ``max_tokens``; texts under two tokens predict nothing."""
-    ids = [tokenizer(t, add_special_tokens=True)["input_ids"][:max_tokens] for t in texts]
+    ids = [tokenizer(t, add_special_tokens=special_tokens)["input_ids"][:max_tokens] for t in texts]
     if not any(len(x) >= 2 for x in ids):
         raise SoupkitError("--prompts: every text has fewer than 2 tokens; nothing to predict")
     return ids

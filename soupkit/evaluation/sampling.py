@@ -1,8 +1,9 @@
 """Per-sample measurements of one policy on held-out prompts: reward, gold reward, KL, length.
 
 Completions are drawn and scored by the PPO code itself (the policy's tokenizer set up as in
-training, prompts encoded without special tokens and truncated the same way, sampling with the
-run's temperature and top-p, responses cut at the first EOS, rewards read as in training), so
+training, prompts rendered with the same chat template, encoded without special tokens and truncated
+the same way, sampling with the run's temperature and top-p, responses cut at the first end-of-turn
+token, rewards read as in training), so
 evaluation sees what training optimised. The KL to a reference is the exact per-token KL over the
 vocabulary, both distributions temperature-scaled, summed over the response tokens: a sample
 estimate of the sequence-level KL(policy || reference).
@@ -18,9 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from soupkit.chat import render, stop_ids, use_template
+from soupkit.formats import Prompt, shown
 from soupkit.rlhf.reward import (
     ModelReward,
     RewardFn,
+    completion_ids,
     is_function_ref,
     load_reward_fn,
     sequence_scores,
@@ -28,6 +32,7 @@ from soupkit.rlhf.reward import (
 from soupkit.rlhf.rollout import (
     Rollout,
     encode_prompts,
+    ended,
     generate,
     response_logits,
     truncate_at_stop,
@@ -46,6 +51,8 @@ class Sampling:
     top_p: float
     seed: int
     max_prompt_tokens: int = 256
+    chat_template: str = "auto"
+    """How prompts are rendered (``soupkit.chat``), as in training."""
 
 
 def load_scorer(reward: str, tokenizer: Any) -> Scorer:
@@ -58,16 +65,16 @@ def load_scorer(reward: str, tokenizer: Any) -> Scorer:
     return reward_model(resolve_model_dir(reward, "reward model"), tokenizer, "cpu")
 
 
-def sample(policy: Any, tok: Any, prompts: Sequence[str], how: Sampling) -> list[Rollout]:
-    """One completion per prompt, in batches of ``BATCH``, cut at EOS."""
+def sample(policy: Any, tok: Any, texts: Sequence[str], how: Sampling, stops: list[int]) -> list[Rollout]:
+    """One completion per rendered prompt, in batches of ``BATCH``, cut at the end of turn."""
     torch.manual_seed(how.seed)
     parts = []
-    for i in range(0, len(prompts), BATCH):
-        enc = encode_prompts(tok, list(prompts[i:i + BATCH]), how.max_prompt_tokens)
+    for i in range(0, len(texts), BATCH):
+        enc = encode_prompts(tok, list(texts[i:i + BATCH]), how.max_prompt_tokens)
         query, qmask = enc["input_ids"], enc["attention_mask"].bool()
         raw = generate(policy, query, qmask, max_new_tokens=how.max_new_tokens, temperature=how.temperature,
-                       top_p=how.top_p, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
-        response, mask = truncate_at_stop(raw, tok.eos_token_id, tok.pad_token_id)
+                       top_p=how.top_p, stop_ids=stops, pad_id=tok.pad_token_id)
+        response, mask = truncate_at_stop(raw, stops, tok.pad_token_id)
         parts.append(Rollout(query, qmask, response, mask))
     return parts
 
@@ -84,32 +91,57 @@ def sequence_kl(policy: Any, ref: Any, parts: list[Rollout], temperature: float)
     return torch.cat(out).numpy()
 
 
-def scores(scorer: Scorer, parts: list[Rollout], prompts: Sequence[str], tok: Any) -> np.ndarray:
+def scores(scorer: Scorer, parts: list[Rollout], prompts: Sequence[Prompt], chat: Chat) -> np.ndarray:
     """Sequence scores of every completion, as the trainer computes them. Shape: (n,)."""
     out, start = [], 0
     with torch.no_grad():
         for part in parts:
             rows = list(prompts[start:start + part.query.shape[0]])
-            out.append(sequence_scores(scorer, part, rows, tok))
+            out.append(sequence_scores(scorer, part, rows, chat.tokenizer, chat.stops, chat.template is not None))
             start += len(rows)
     return torch.cat(out).numpy().astype(float)
 
 
-def measure(policy_dir: Path, prompts: Sequence[str], how: Sampling, reward: Scorer, gold: Scorer | None,
-            references: dict[str, Any]) -> dict[str, Any]:
-    """Every per-prompt number for one policy: ``reward``, ``gold``, ``kl_<ref>``, ``length``."""
-    from soupkit.diagnostics.texts import load_lm
+@dataclass(frozen=True)
+class Chat:
+    """A policy's tokenizer with the template its prompts are rendered with and its stop tokens."""
+
+    tokenizer: Any
+    template: str | None
+    stops: list[int]
+
+
+def policy_chat(policy_dir: Path, setting: str) -> Chat:
+    """The tokenizer of ``policy_dir`` set up as in training, with its chat template and stops."""
     from soupkit.rlhf.models import load_tokenizer
 
     tok = load_tokenizer(policy_dir, trust_remote_code=False)
+    template = use_template(tok, setting, f"policy {policy_dir}")
+    return Chat(tok, template, stop_ids(tok, policy_dir))
+
+
+def completions(parts: list[Rollout], chat: Chat) -> list[str]:
+    """Every completion as text: no special tokens, no end-of-turn token."""
+    return [text for p in parts for text in chat.tokenizer.batch_decode(completion_ids(p, chat.stops),
+                                                                        skip_special_tokens=True)]
+
+
+def measure(policy_dir: Path, prompts: Sequence[Prompt], how: Sampling, reward: Scorer, gold: Scorer | None,
+            references: dict[str, Any]) -> dict[str, Any]:
+    """Every per-prompt number for one policy: ``reward``, ``gold``, ``kl_<ref>``, ``length``,
+    ``ended`` (1 when the response ended its turn), and the first few ``examples``."""
+    from soupkit.diagnostics.texts import load_lm
+
+    chat = policy_chat(policy_dir, how.chat_template)
     policy = load_lm(policy_dir, "policy")
-    parts = sample(policy, tok, prompts, how)
-    rows: dict[str, Any] = {"reward": scores(reward, parts, prompts, tok),
-                            "length": torch.cat([p.mask.sum(-1) for p in parts]).numpy().astype(float)}
+    parts = sample(policy, chat.tokenizer, render(chat.tokenizer, prompts, chat.template, "eval prompts"), how,
+                   chat.stops)
+    rows: dict[str, Any] = {"reward": scores(reward, parts, prompts, chat),
+                            "length": torch.cat([p.mask.sum(-1) for p in parts]).numpy().astype(float),
+                            "ended": torch.cat([ended(p.response, p.mask, chat.stops) for p in parts]).numpy().astype(float)}
     if gold is not None:
-        rows["gold"] = scores(gold, parts, prompts, tok)
+        rows["gold"] = scores(gold, parts, prompts, chat)
     for name, ref in references.items():
         rows[f"kl_{name}"] = sequence_kl(policy, ref, parts, how.temperature)
-    texts = [tok.decode(r[m], skip_special_tokens=True) for p in parts for r, m in zip(p.response, p.mask)]
-    rows["examples"] = [{"prompt": p, "completion": c} for p, c in list(zip(prompts, texts))[:3]]
+    rows["examples"] = [{"prompt": shown(p), "completion": c} for p, c in list(zip(prompts, completions(parts, chat)))[:3]]
     return rows

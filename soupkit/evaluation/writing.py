@@ -18,7 +18,7 @@ def kl_keys(entry: dict[str, Any]) -> list[str]:
 def _table(results: dict[str, Any]) -> list[str]:
     methods = results["methods"]
     first = next(iter(methods.values()))
-    cols = ["reward"] + (["gold"] if "gold" in first else []) + kl_keys(first) + ["length"]
+    cols = ["reward"] + (["gold"] if "gold" in first else []) + kl_keys(first) + ["length"] + (["ended"] if "ended" in first else [])
     lines = ["| method | kl_coef | seeds | " + " | ".join(cols) + f" | win rate vs {results['baseline']} |",
              "|---" * (len(cols) + 4) + "|"]
     for m in methods.values():

@@ -31,6 +31,8 @@ class MergePlan:
     names: list[str]
     num_layers: int
     weights: dict[str, list[float]]
+    chat_template: str | None = None
+    """The soup's chat template: ``merge.chat_template``, else the one its ingredients share."""
 
     @property
     def source(self) -> Checkpoint:
@@ -58,13 +60,14 @@ def preflight(spec: MergeSpec, output: Path, force: bool = False, allow_pickle: 
     check_same_architecture(everyone)
     check_same_vocabulary(everyone)
     names = check_same_tensors(everyone)
+    template = soup_template(models, spec.chat_template)
     num_layers = W.count_layers(models[0].config, names)
     weights = {}
     if spec.method in NATIVE_METHODS:
         per_model = [ing.weight for ing in spec.models]
         weights = {name: W.tensor_weights(per_model, name, num_layers) for name in names}
         _check_mergeable_dtypes(models, names)
-    return MergePlan(spec, output, models, base, names, num_layers, weights)
+    return MergePlan(spec, output, models, base, names, num_layers, weights, template)
 
 
 def open_ingredient(ref: str, where: str, allow_pickle: bool) -> Checkpoint:
@@ -107,6 +110,38 @@ def check_same_vocabulary(ckpts: list[Checkpoint]) -> None:
                 f"vocabulary mismatch: the tokenizers of {first.ref} and {other.ref} differ "
                 f"(token {diff!r} has id {vocab0.get(diff)} vs {vocab.get(diff)})"
             )
+
+
+def soup_template(models: list[Checkpoint], setting: str | None) -> str | None:
+    """``setting``'s template, else the ingredients' common one; ingredients whose templates
+    differ are refused (a soup's prompts would be rendered one way for half its parents)."""
+    from soupkit.chat import CHATML_TOKENS, template_text
+
+    if setting is not None:
+        vocab = _tokenizer_vocab(models[0].path)
+        if setting == "chatml" and vocab is not None and any(t not in vocab for t in CHATML_TOKENS):
+            raise SoupkitError(f"merge.chat_template chatml: {models[0].ref} has no {CHATML_TOKENS[1]} token; "
+                               "give the SFT stage chat_template: chatml so the ingredients learn it")
+        return template_text(setting, None, "merge")
+    templates = [read_template(m.path) for m in models]
+    for model, template in zip(models[1:], templates[1:]):
+        if template != templates[0]:
+            raise SoupkitError(f"chat template mismatch: {models[0].ref} and {model.ref} render conversations "
+                               "differently; set merge.chat_template (chatml or a .jinja file) to choose the soup's")
+    return templates[0]
+
+
+def read_template(model_dir: Path) -> str | None:
+    """A checkpoint's chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = model_dir / "tokenizer_config.json"
+    try:
+        value = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    except json.JSONDecodeError:
+        raise SoupkitError(f"{config}: invalid JSON") from None
+    return value if isinstance(value, str) else None
 
 
 def _vocab_size(config: dict[str, Any]) -> Any:

@@ -71,7 +71,23 @@ def _merge_into(plan: MergePlan, tmp: Path, progress: Progress | None) -> None:
     else:
         mergekit_backend.run(plan, tmp, CONFIG_DTYPE.get(dtype or "F32", "float32"))
     copy_support_files(plan.source.path, tmp)
+    if plan.chat_template is not None:
+        write_template(tmp, plan.chat_template)
     write_provenance(tmp, {"merge": resolved_spec(plan, dtype)}, model_card(plan, dtype))
+
+
+def write_template(out: Path, template: str) -> None:
+    """The soup's chat template as ``chat_template.jinja`` (what transformers reads first), and
+    the same text in ``tokenizer_config.json`` when that file carries one too."""
+    import json
+
+    (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+    config = out / "tokenizer_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        if "chat_template" in data:
+            data["chat_template"] = template
+            config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def resolved_spec(plan: MergePlan, dtype: str | None) -> dict[str, Any]:

@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
+from soupkit.chat import own_template, render, stop_ids, use_template
 from soupkit.checkpoint import read_config, resolve_model_dir
 from soupkit.errors import SoupkitError
+from soupkit.formats import Prompt
 from soupkit.recipe import AlignSpec
 from soupkit.rlhf.prompts import load_prompts
 from soupkit.rlhf.reward import ModelReward, RewardFn, is_function_ref, load_reward_fn
@@ -35,7 +37,7 @@ class Sources:
 
     refs: list[Path]
     init: Path
-    prompts: list[str]
+    prompts: list[Prompt]
     reward_dir: Path | None = None
     reward_fn: RewardFn | None = None
     watch: dict[str, Path] = field(default_factory=dict)
@@ -80,6 +82,12 @@ class Models:
     tokenizer: Any
     reward: ModelReward | RewardFn
     watch: dict[str, Any]
+    prompt_texts: list[str] = field(default_factory=list)
+    """Each prompt as the policy reads it: rendered with the chat template, or plain text."""
+    template: str | None = None
+    """The chat template in use (None: plain-text prompts)."""
+    stops: list[int] = field(default_factory=list)
+    """Tokens that end a response: the tokenizer's EOS and the generation config's ``eos_token_id``."""
 
 
 class ValueModel(torch.nn.Module):
@@ -103,7 +111,9 @@ def load_models(spec: AlignSpec, sources: Sources, device: Any, resume_dir: Path
     """Load every model; from ``resume_dir`` (a checkpoint) for policy and critic. Trained models
     go to ``device``; frozen ones too, or to the CPU with ``offload_frozen``."""
     tokenizer = load_tokenizer(sources.init, spec.trust_remote_code)
-    check_prompts(tokenizer, sources.prompts)
+    template = use_template(tokenizer, spec.chat_template, f"policy init {sources.init}")
+    texts = render(tokenizer, sources.prompts, template, f"prompts {spec.prompts}")
+    check_prompts(tokenizer, texts)
     for path in sources.refs + list(sources.watch.values()):
         check_same_vocab(tokenizer, path, spec.trust_remote_code)
     if spec.offload_frozen and zero3_loading():
@@ -123,7 +133,7 @@ def load_models(spec: AlignSpec, sources: Sources, device: Any, resume_dir: Path
     if spec.gradient_checkpointing:
         checkpoint_layers(policy)
         checkpoint_layers(critic.seq_cls)
-    return Models(policy, critic, refs, tokenizer, reward, watch)
+    return Models(policy, critic, refs, tokenizer, reward, watch, texts, template, stop_ids(tokenizer, sources.init))
 
 
 def frozen_dtype(spec: AlignSpec) -> torch.dtype:
@@ -313,14 +323,13 @@ def reward_model(path: Path, tokenizer: Any, device: Any, dtype: torch.dtype = t
     """A frozen sequence-classification reward model, with its own tokenizer only when its ids
     differ from ``tokenizer``'s (then text is re-tokenised; else the policy's ids are scored)."""
     model = freeze(_seq_cls(path, trust_remote_code, device, dtype))
-    if not _has_tokenizer(path) or _same_tokenizer_file(tokenizer, path):
+    if not _has_tokenizer(path):
         return ModelReward(model, None)
     own = load_tokenizer(path, trust_remote_code)
-    if own.get_vocab() == tokenizer.get_vocab():
-        own = None  # same ids: score the policy's tokens directly
-    if own is not None:
-        own.padding_side = "right"
-    return ModelReward(model, own)
+    own.padding_side = "right"
+    chat = own if own_template(own) is not None else None
+    same = _same_tokenizer_file(tokenizer, path) or own.get_vocab() == tokenizer.get_vocab()
+    return ModelReward(model, None if same else own, chat)  # same ids: score the policy's tokens directly
 
 
 def _critic(spec: AlignSpec, sources: Sources, reward: Any, resume_dir: Path | None, device: Any) -> ValueModel:

@@ -1,4 +1,4 @@
-"""Prompt sets and the order they are visited in.
+"""Prompt sets (any TRL dataset format, ``soupkit.formats``) and the order they are visited in.
 
 The order is a pure function of (seed, step), so a resumed run needs only the step number to
 continue where it stopped (the "data position" of a checkpoint).
@@ -9,20 +9,21 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import Any
 
 from soupkit.errors import SoupkitError
+from soupkit.formats import Prompt, prompt_of
 
 
-def load_prompts(source: str, field: str = "prompt", split: str = "train") -> list[str]:
-    """Prompts from ``.jsonl`` (``field`` per line), ``.txt`` (one per line) or a dataset
-    (its ``split`` when it is a Hub dataset)."""
+def load_prompts(source: str, field: str = "prompt", split: str = "train", text: bool = False) -> list[Prompt]:
+    """Prompts from ``.jsonl`` / a dataset (rows of any TRL format, see ``soupkit.formats``) or
+    ``.txt`` (one per line): strings, or conversations ending before the answer."""
     path = Path(source).expanduser()
-    if path.suffix == ".jsonl":
-        prompts = read_jsonl_field(path, (field,))
-    elif path.suffix == ".txt":
-        prompts = _read_txt(path)
+    if path.suffix == ".txt":
+        prompts: list[Prompt] = _read_txt(path)
     else:
-        prompts = _read_dataset(source, field, split)
+        rows = read_jsonl(path) if path.suffix == ".jsonl" else _read_dataset(source, split)
+        prompts = [prompt_of(row, where, field, text) for where, row in rows]
     if not prompts:
         raise SoupkitError(f"prompts {source}: no prompts found (the prompt set is empty)")
     return prompts
@@ -34,8 +35,8 @@ def _read_txt(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def read_jsonl_field(path: Path, fields: tuple[str, ...]) -> list[str]:
-    """The first of ``fields`` present on each line of a ``.jsonl`` file (errors name the line)."""
+def read_jsonl(path: Path) -> list[tuple[str, Any]]:
+    """``(where, record)`` for each non-blank line of a ``.jsonl`` file; ``where`` is ``path:line``."""
     if not path.is_file():
         raise SoupkitError(f"prompts file {path} not found")
     out = []
@@ -43,24 +44,20 @@ def read_jsonl_field(path: Path, fields: tuple[str, ...]) -> list[str]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            out.append((f"{path}:{number}", json.loads(line)))
         except json.JSONDecodeError as exc:
             raise SoupkitError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-        value = next((record[f] for f in fields if f in record), None) if isinstance(record, dict) else None
-        if not isinstance(value, str):
-            raise SoupkitError(f"{path}:{number}: no string field {' or '.join(map(repr, fields))}")
-        out.append(value)
     return out
 
 
-def _read_dataset(source: str, field: str, split: str) -> list[str]:
-    """A saved dataset directory, or a local/Hub dataset loadable by ``datasets``."""
+def _read_dataset(source: str, split: str) -> list[tuple[str, Any]]:
+    """Rows of a saved dataset directory, or of a local/Hub dataset loadable by ``datasets``."""
     from soupkit.train.data import load_rows
 
     if not Path(source).expanduser().exists() and "/" not in source:
         raise SoupkitError(f"prompts {source!r} not found (expected .jsonl, .txt or a dataset)")
-    data = load_rows(source, split, columns=[(field,)], what="prompts")
-    return [p for p in data[field] if isinstance(p, str) and p.strip()]
+    data = load_rows(source, split, what="prompts")
+    return [(f"{source} row {number}", row) for number, row in enumerate(data, start=1)]
 
 
 def batch_indices(n_prompts: int, batch_size: int, step: int, seed: int) -> list[int]:

@@ -1,8 +1,10 @@
 """Sequence scores: a reward model read at the last real token, or a Python function.
 
 A reward function has the signature TRL uses for its reward functions:
-``fn(prompts: list[str], completions: list[str], **kw) -> list[float]``; soupkit passes
-``completion_ids`` (lists of token ids) as a keyword.
+``fn(prompts, completions, **kw) -> list[float]``, with TRL's convention for the values: a string
+prompt comes with a string completion, a conversational prompt (a list of messages) with a list
+holding one assistant message. soupkit passes ``completion_ids`` (lists of token ids) as a keyword.
+Completions are decoded without special tokens and without the token that ended the turn.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import Any, Protocol
 
 import torch
 
+from soupkit.chat import render_conversation
 from soupkit.errors import SoupkitError
+from soupkit.formats import Conversation, Prompt, as_conversation
 from soupkit.rlhf.advantage import last_index
 from soupkit.rlhf.rollout import Rollout, position_ids
 
@@ -73,6 +77,9 @@ class ModelReward:
     model: Any
     tokenizer: Any | None
     """None when the reward model reads the policy's token ids directly."""
+    chat_tokenizer: Any | None = None
+    """The reward model's own tokenizer when it has a chat template: with chat prompts, the whole
+    conversation is rendered with it, as TRL's RewardTrainer tokenised conversational pairs."""
 
 
 @torch.no_grad()
@@ -93,22 +100,61 @@ def model_scores(reward: ModelReward, rollout: Rollout, texts: Callable[[], list
     return last_token_scores(reward.model, enc["input_ids"], enc["attention_mask"].bool())
 
 
-def sequence_scores(reward: ModelReward | RewardFn, roll: Rollout, prompts: list[str], tok: Any) -> torch.Tensor:
-    """Scores (b,) of a rollout: a reward model on its token ids (or on the decoded prompt +
-    response when its tokenizer differs), or a reward function on the decoded responses."""
-    ids = [row[m].tolist() for row, m in zip(roll.response, roll.mask)]
+def conversation_scores(reward: ModelReward, prompts: list[Prompt], completions: list[str], device: Any) -> torch.Tensor:
+    """Scores of each prompt + completion as one conversation, rendered with the reward model's
+    chat template (the completion is the assistant's turn). (b,)."""
+    tok = reward.chat_tokenizer
+    rows = [render_conversation(tok, as_conversation(p) + [{"role": "assistant", "content": c}], tok.chat_template)
+            for p, c in zip(prompts, completions)]
+    ids, mask = right_padded(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
+    return last_token_scores(reward.model, ids.to(device), mask.to(device))
+
+
+def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask (True on real tokens). Shapes: -> (b, s), (b, s)."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row, dtype=torch.long), True
+    return ids, mask
+
+
+def completion_ids(roll: Rollout, stops: list[int]) -> list[list[int]]:
+    """Each response's token ids without the token that ended the turn."""
+    out = []
+    for row, mask in zip(roll.response, roll.mask):
+        ids = row[mask].tolist()
+        out.append(ids[:-1] if ids and ids[-1] in stops else ids)
+    return out
+
+
+def sequence_scores(reward: ModelReward | RewardFn, roll: Rollout, prompts: list[Prompt], tok: Any,
+                    stops: list[int], chat: bool = False) -> torch.Tensor:
+    """Scores (b,) of a rollout. A reward model reads its token ids, or the decoded text when its
+    tokenizer differs, or (``chat`` prompts and a reward model with a chat template) the whole
+    conversation; a reward function gets the prompts and decoded completions in TRL's convention."""
+    ids = completion_ids(roll, stops)
+    completions = tok.batch_decode(ids, skip_special_tokens=True)
     if isinstance(reward, ModelReward):
+        if chat and reward.chat_tokenizer is not None:
+            return conversation_scores(reward, prompts, completions, roll.query.device)
         texts = lambda: [tok.decode(roll.sequences[i][roll.attention_mask[i]], skip_special_tokens=True)  # noqa: E731
                          for i in range(len(prompts))]
         return model_scores(reward, roll, texts)
-    completions = tok.batch_decode(ids, skip_special_tokens=True)
     return function_scores(reward, prompts, completions, ids, roll.query.device)
 
 
-def function_scores(fn: RewardFn, prompts: list[str], completions: list[str],
+def trl_completions(prompts: list[Prompt], completions: list[str]) -> list[str | Conversation]:
+    """TRL's convention: a conversational prompt's completion is a list with one assistant message."""
+    return [[{"role": "assistant", "content": c}] if isinstance(p, list) else c for p, c in zip(prompts, completions)]
+
+
+def function_scores(fn: RewardFn, prompts: list[Prompt], completions: list[str],
                     completion_ids: list[list[int]], device: Any) -> torch.Tensor:
-    """Call a reward function and check it returned one finite float per completion. (b,)."""
-    out = fn(prompts, completions, completion_ids=completion_ids)
+    """Call a reward function (prompts and completions in TRL's convention) and check it returned
+    one finite float per completion. (b,)."""
+    out = fn(prompts, trl_completions(prompts, completions), completion_ids=completion_ids)
     try:
         values = [float(v) for v in out]
     except (TypeError, ValueError):

@@ -51,7 +51,8 @@ class Rollout:
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int):
-    """Left-padded prompt ids, no special tokens added (the prompt text is the whole query),
+    """Left-padded prompt ids of rendered prompt texts (``soupkit.chat.render``), no special
+    tokens added (the text, with its chat template if any, is the whole query),
     long prompts keeping their last ``max_prompt_tokens`` tokens (the tokenizer truncates left)."""
     return tokenizer(list(prompts), return_tensors="pt", padding=True, truncation=True,
                      max_length=max_prompt_tokens, add_special_tokens=False)
@@ -106,9 +107,10 @@ def sampling_uniforms(seed: int, step: int, positions: list[int], n: int) -> tor
 @torch.no_grad()
 def generate(
     model, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
-    temperature: float, top_p: float, eos_id: int, pad_id: int, uniforms: torch.Tensor | None = None,
+    temperature: float, top_p: float, stop_ids: list[int], pad_id: int, uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sample up to ``max_new_tokens`` per row with a KV cache; rows that hit EOS get ``pad_id``.
+    """Sample up to ``max_new_tokens`` per row with a KV cache; a row ends at its first token of
+    ``stop_ids`` (any end-of-turn token) and gets ``pad_id`` after it.
 
     ``uniforms`` (b, max_new_tokens), when given, drives the sampling (``sample_by_uniform``);
     otherwise the global torch RNG does. Stops early once every row has produced EOS.
@@ -120,6 +122,7 @@ def generate(
                 logits_to_keep=1)
     next_position = positions[:, -1:] + 1
     done = torch.zeros(query.shape[0], dtype=torch.bool, device=query.device)
+    stops = torch.tensor(stop_ids, device=query.device)
     tokens = []
     for _ in range(max_new_tokens):
         logits = out.logits[:, -1]
@@ -127,7 +130,7 @@ def generate(
                  else sample_by_uniform(logits, uniforms[:, len(tokens)], temperature, top_p))
         token = token.masked_fill(done, pad_id)
         tokens.append(token)
-        done |= token == eos_id
+        done |= torch.isin(token, stops)
         if bool(done.all()) or len(tokens) == max_new_tokens:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -137,12 +140,22 @@ def generate(
     return torch.stack(tokens, dim=1)
 
 
-def truncate_at_stop(response: torch.Tensor, stop_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep each row up to and including its first ``stop_id``; pad the rest.
+def is_stop(response: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """True where a token ends the turn. Shapes: (b, t) -> (b, t)."""
+    return torch.isin(response, torch.tensor(stop_ids, device=response.device))
+
+
+def ended(response: torch.Tensor, mask: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """True for rows whose response ended with a stop token (not cut by the length limit). (b, t) -> (b,)."""
+    return (is_stop(response, stop_ids) & mask).any(dim=1)
+
+
+def truncate_at_stop(response: torch.Tensor, stop_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each row up to and including its first token of ``stop_ids``; pad the rest.
 
     Returns ``(response, mask)`` with mask True on kept tokens. Shapes: (b, t) -> (b, t), (b, t).
     """
-    is_stop = response == stop_id
+    is_stop = torch.isin(response, torch.tensor(stop_ids, device=response.device))
     stops_before = is_stop.long().cumsum(dim=1) - is_stop.long()  # stops strictly before t
     mask = stops_before == 0
     return response.masked_fill(~mask, pad_id), mask

@@ -25,6 +25,7 @@ import torch
 
 from soupkit.checkpoint import atomic_output_dir, check_output_free, write_provenance
 from soupkit.errors import SoupkitError
+from soupkit.formats import Prompt
 from soupkit.launch import processes
 from soupkit.recipe import AlignSpec
 from soupkit.rlhf import checkpoints as ckpt
@@ -45,6 +46,7 @@ from soupkit.rlhf.reward import ModelReward, missing_eos_penalty, sequence_score
 from soupkit.rlhf.rollout import (
     Rollout,
     encode_prompts,
+    ended,
     entropy,
     generate,
     in_chunks,
@@ -215,10 +217,11 @@ def ppo_step(run: Run, step: int) -> dict[str, Any]:
     positions = _my_positions(run)
     order = batch_indices(len(run.sources.prompts), len(positions) * run.accelerator.num_processes, step, spec.seed)
     prompts = [run.sources.prompts[order[i]] for i in positions]
+    texts = [run.models.prompt_texts[order[i]] for i in positions]
 
-    # 1. Rollout: sample responses, cut at EOS, and read policy / reference / critic on them.
+    # 1. Rollout: sample responses, cut at the end of turn, and read policy / reference / critic on them.
     with bf16_autocast(run):
-        roll = rollout(run, prompts, sampling_uniforms(spec.seed, step, positions, spec.max_new_tokens))
+        roll = rollout(run, texts, sampling_uniforms(spec.seed, step, positions, spec.max_new_tokens))
 
     # 2. Score: sequence reward (+ missing-EOS penalty), then the per-token KL penalty.
     with bf16_autocast(run):
@@ -271,7 +274,7 @@ def whiten_global(run: Run, x: torch.Tensor, mask: torch.Tensor, shift_mean: boo
 
 @torch.no_grad()
 def rollout(run: Run, prompts: list[str], uniforms: torch.Tensor) -> Rollout:
-    """Sample one response per prompt (driven by ``uniforms``, (b, max_new_tokens)) and fill
+    """Sample one response per rendered prompt (driven by ``uniforms``, (b, max_new_tokens)) and fill
     log-probs, entropy, reference log-probs, values.
 
     Sharded weights (FSDP2, ZeRO-3) are gathered one model at a time: the policy for sampling and
@@ -282,9 +285,9 @@ def rollout(run: Run, prompts: list[str], uniforms: torch.Tensor) -> Rollout:
     policy = models.policy
     with full_weights(run.trained, policy):
         response = generate(policy, enc["input_ids"], enc["attention_mask"], max_new_tokens=spec.max_new_tokens,
-                            temperature=spec.temperature, top_p=spec.top_p, eos_id=tok.eos_token_id,
+                            temperature=spec.temperature, top_p=spec.top_p, stop_ids=models.stops,
                             pad_id=tok.pad_token_id, uniforms=uniforms.to(device))
-        response, mask = truncate_at_stop(response, tok.eos_token_id, tok.pad_token_id)
+        response, mask = truncate_at_stop(response, models.stops, tok.pad_token_id)
         roll = Rollout(enc["input_ids"], enc["attention_mask"].bool(), response, mask)
         both = in_chunks(lambda mb: _logprobs_and_entropy(policy, mb, spec.temperature), roll,
                          spec.forward_batch_size)
@@ -319,14 +322,15 @@ def _values(critic: Any, mb: Rollout) -> torch.Tensor:
     return values[:, -mb.response.shape[1] - 1:-1]
 
 
-def score(run: Run, roll: Rollout, prompts: list[str]) -> torch.Tensor:
+def score(run: Run, roll: Rollout, prompts: list[Prompt]) -> torch.Tensor:
     """Sequence scores (b,), with the missing-EOS penalty applied when configured."""
-    reward, tok = run.models.reward, run.models.tokenizer
+    models = run.models
+    reward = models.reward
     with visiting(reward.model if isinstance(reward, ModelReward) else None, run.accelerator.device):
-        scores = sequence_scores(reward, roll, prompts, tok)
+        scores = sequence_scores(reward, roll, prompts, models.tokenizer, models.stops, models.template is not None)
     if run.spec.missing_eos_penalty is not None:
-        ended = (roll.response == tok.eos_token_id).any(dim=1)
-        scores = missing_eos_penalty(scores, ended, run.spec.missing_eos_penalty)
+        scores = missing_eos_penalty(scores, ended(roll.response, roll.mask, models.stops),
+                                     run.spec.missing_eos_penalty)
     return scores
 
 
@@ -431,14 +435,14 @@ def _metrics(run: Run, roll: Rollout, kl: torch.Tensor, returns: torch.Tensor,
     per-token KL. ``stats`` (the losses') are global token means already."""
     every = lambda x: gather_rows(run, x)  # noqa: E731
     mask, estimator = every(roll.mask) > 0, ESTIMATORS[run.spec.kl_estimator]
-    ended = every((roll.response == run.models.tokenizer.eos_token_id).any(dim=1))
+    finished = every(ended(roll.response, roll.mask, run.models.stops))
     values = {
         "reward": every(roll.scores).mean(),
         "kl": every(kl).sum(dim=1).mean(),
         "entropy": masked_mean(every(roll.entropy), mask),
         "explained_variance": explained_variance(every(roll.values), every(returns), mask),
         "response_length": mask.sum(dim=1).float().mean(),
-        "eos_rate": ended.float().mean(),
+        "eos_rate": finished.float().mean(),
         **{name: every(estimator(roll.logprobs, lp) * roll.mask).sum(dim=1).mean()
            for name, lp in roll.extra.items() if name.startswith("kl_")},
     }

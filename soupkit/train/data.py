@@ -1,4 +1,5 @@
-"""Datasets for training stages: local JSON lines / JSON / saved datasets, or a Hub dataset."""
+"""Datasets for training stages: local JSON lines / JSON / saved datasets, or a Hub dataset, in
+any of TRL's formats (``soupkit.formats``), checked row by row before anything is written."""
 
 from __future__ import annotations
 
@@ -36,3 +37,22 @@ def _load(source: str, split: str, what: str) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad data source for the user
         raise SoupkitError(f"{what} {source!r}: cannot load ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def read_examples(source: str, split: str, convert: Any, what: str) -> Any:
+    """A ``datasets.Dataset`` of ``convert(row, where)`` over every row of ``source`` (one shape);
+    a ``.jsonl`` file is read line by line, so errors name the line and rows may mix types."""
+    import datasets
+
+    from soupkit.formats import normalise
+
+    path = Path(source).expanduser()
+    if path.suffix == ".jsonl":
+        from soupkit.rlhf.prompts import read_jsonl
+
+        rows = read_jsonl(path)
+    else:
+        rows = [(f"{what} {source!r} row {n}", row) for n, row in enumerate(load_rows(source, split, what=what), 1)]
+    if not rows:
+        raise SoupkitError(f"{what} {source!r}: no rows")
+    return datasets.Dataset.from_list(normalise(rows, convert))

@@ -14,19 +14,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from soupkit.chat import own_template, template_text, use_template
 from soupkit.checkpoint import (
     atomic_output_dir,
     check_output_free,
     resolve_model_dir,
     write_provenance,
 )
+from soupkit.errors import SoupkitError
+from soupkit.formats import is_conversational, preference_pair, sft_example
 from soupkit.launch import main_process
 from soupkit.recipe import RewardModelSpec, SFTSpec, to_plain
-from soupkit.train.data import load_rows
+from soupkit.train.data import read_examples
 
 Progress = Callable[[int, int], None]
-SFT_COLUMNS = (("prompt", "completion"), ("messages",), ("text",))
-PREF_COLUMNS = (("chosen", "rejected"),)
 
 
 def _args(config_cls: Any, spec: Any, out: Path, **extra: Any) -> Any:
@@ -88,15 +89,19 @@ def _save(trainer: Any, tokenizer: Any, tmp: Path, section: str, spec: Any, card
 
 
 def train_sft(spec: SFTSpec, *, force: bool = False, progress: Progress | None = None) -> Path:
-    """Fine-tune ``spec.base`` on ``spec.data`` (prompt/completion, messages or text)."""
+    """Fine-tune ``spec.base`` on ``spec.data`` (messages, prompt/completion or text; standard or
+    conversational), with the chat template ``spec.chat_template`` saved alongside."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    base = resolve_model_dir(spec.base, f"sft[{spec.name}].base")
-    rows = load_rows(spec.data, spec.split, SFT_COLUMNS, f"sft[{spec.name}].data")
+    where = f"sft[{spec.name}]"
+    base = resolve_model_dir(spec.base, f"{where}.base")
+    rows = read_examples(spec.data, spec.split, sft_example, f"{where}.data")
     tokenizer = AutoTokenizer.from_pretrained(base)
+    check_template(tokenizer, spec.chat_template, rows[0], where, base)
     with _output_dir(Path(spec.output), force) as tmp:
         model = AutoModelForCausalLM.from_pretrained(base)
+        use_template(tokenizer, spec.chat_template, where, model)
         args = _args(SFTConfig, spec, tmp, completion_only_loss=None)
         trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
         _fit(trainer, progress)
@@ -106,21 +111,32 @@ def train_sft(spec: SFTSpec, *, force: bool = False, progress: Progress | None =
 
 
 def train_reward_model(spec: RewardModelSpec, *, force: bool = False, progress: Progress | None = None) -> Path:
-    """Bradley-Terry reward model on ``spec.data`` (chosen/rejected, optional prompt)."""
+    """Bradley-Terry reward model on ``spec.data`` (chosen/rejected with an explicit or implicit
+    prompt, standard or conversational, or UltraFeedback-binarized's mix of both)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     base = resolve_model_dir(spec.base, "reward_model.base")
-    rows = load_rows(spec.data, spec.split, PREF_COLUMNS, "reward_model.data")
+    rows = read_examples(spec.data, spec.split, preference_pair, "reward_model.data")
     tokenizer = AutoTokenizer.from_pretrained(base)
+    check_template(tokenizer, spec.chat_template, rows[0], "reward_model", base)
     with _output_dir(Path(spec.output), force) as tmp:
         model = _reward_head(base, tokenizer, spec.seed, AutoModelForSequenceClassification)
+        use_template(tokenizer, spec.chat_template, "reward_model", model)
         args = _args(RewardConfig, spec, tmp)
         trainer = RewardTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
         _fit(trainer, progress)
         card = f"# reward model\n\nBradley-Terry reward model from `{spec.base}` on `{spec.data}` with soupkit.\n"
         _save(trainer, tokenizer, tmp, "reward_model", spec, card)
     return Path(spec.output)
+
+
+def check_template(tokenizer: Any, setting: str, first: dict[str, Any], where: str, base: Path) -> None:
+    """Conversational data needs a chat template: refuse before any weight loads when none is set."""
+    if not is_conversational(first) or template_text(setting, own_template(tokenizer), where) is not None:
+        return
+    why = "chat_template is never" if setting == "never" else f"{base} has no chat template"
+    raise SoupkitError(f"{where}.data is conversational but {why}; set {where}.chat_template: chatml or a .jinja file")
 
 
 def _reward_head(base: Path, tokenizer: Any, seed: int, auto_cls: Any) -> Any:

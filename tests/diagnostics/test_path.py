@@ -78,7 +78,8 @@ def test_reward_along_the_path_matches_each_model_at_the_endpoints(family, texts
 
     spec = "tests.diagnostics.rewards:word_count"
     tok = load_tokenizer(family["ft1"])
-    own = [mean_reward(word_count, tok, TEXTS)(load_lm(family[k], "m")) for k in ("ft1", "ft2")]
+    plain = lambda prompts, completions, chat: word_count(prompts, completions)  # noqa: E731
+    own = [mean_reward(plain, tok, TEXTS, TEXTS, False)(load_lm(family[k], "m")) for k in ("ft1", "ft2")]
     line5 = report([str(family["ft1"]), str(family["ft2"])], prompts=texts_file, path=True,
                    reward=spec, points=5)["path"]
     assert [line5["reward"][1], line5["reward"][3]] == own
@@ -119,6 +120,6 @@ def test_reward_model_directory(tmp_path):
     model.save_pretrained(tmp_path / "rm")
     tokenizer().save_pretrained(tmp_path / "rm")
     fn = load_reward(str(tmp_path / "rm"))
-    got = fn(["the cat", "hello"], [" sat on the mat", " world"])
+    got = fn(["the cat", "hello"], [" sat on the mat", " world"], False)
     want = score_last_token(model, tokenizer(), ["the cat sat on the mat", "hello world"])
     assert got == pytest.approx(want, rel=1e-5)

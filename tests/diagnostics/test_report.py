@@ -149,7 +149,7 @@ def test_bad_prompts(outs, family, tmp_path):
     bad.write_text('{"prompt": "the cat"}\n{"prompt": \n')
     clean_error(invoke(outs, a, b, "--prompts", bad), r"p\.jsonl:2: invalid JSON")
     bad.write_text('{"prompt": "the cat"}\n{"question": "x"}\n')
-    clean_error(invoke(outs, a, b, "--prompts", bad), r"p\.jsonl:2: no string field 'prompt' or 'text'")
+    clean_error(invoke(outs, a, b, "--prompts", bad), r"p\.jsonl:2: no prompt: expected a 'prompt' field .*'text' or 'chosen' .* the row has question")
     csv = tmp_path / "p.csv"
     csv.write_text("x\n")
     clean_error(invoke(outs, a, b, "--prompts", csv), "expected a .jsonl or .txt file")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from soupkit.evaluation.sampling import Sampling, load_scorer, sample, scores, sequence_kl
+from soupkit.evaluation.sampling import Chat, Sampling, load_scorer, sample, scores, sequence_kl
 from tests.conftest import make_model
 
 
@@ -26,7 +26,7 @@ PROMPTS = ["the cat sat on", "a dog ran", "hello world", "the big red bird flew 
 
 def test_sequence_kl_matches_kl_div(lm_pair):
     policy, ref, tok = lm_pair
-    parts = sample(policy, tok, PROMPTS, Sampling(max_new_tokens=6, temperature=0.8, top_p=1.0, seed=0))
+    parts = sample(policy, tok, PROMPTS, Sampling(max_new_tokens=6, temperature=0.8, top_p=1.0, seed=0), [tok.eos_token_id])
     got = sequence_kl(policy, ref, parts, temperature=0.8)
     part = parts[0]
     want = []
@@ -45,7 +45,7 @@ def test_sequence_kl_matches_kl_div(lm_pair):
 
 def test_responses_stop_at_eos(lm_pair):
     policy, _, tok = lm_pair
-    parts = sample(policy, tok, PROMPTS, Sampling(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=1))
+    parts = sample(policy, tok, PROMPTS, Sampling(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=1), [tok.eos_token_id])
     for row, mask in zip(parts[0].response, parts[0].mask):
         kept = row[mask].tolist()
         assert tok.eos_token_id not in kept[:-1]
@@ -73,10 +73,10 @@ def test_reward_model_scores_ids_and_text_alike(tmp_path, lm_pair):
         if extra:
             other.add_tokens([extra])  # a different vocabulary forces the text path
         other.save_pretrained(tmp_path / name)
-    parts = sample(policy, tok, PROMPTS, Sampling(max_new_tokens=5, temperature=1.0, top_p=1.0, seed=2))
+    parts = sample(policy, tok, PROMPTS, Sampling(max_new_tokens=5, temperature=1.0, top_p=1.0, seed=2), [tok.eos_token_id])
     same, other = load_scorer(str(tmp_path / "rm"), tok), load_scorer(str(tmp_path / "rm-other"), tok)
     assert same.tokenizer is None and other.tokenizer is not None
-    by_ids, by_text = scores(same, parts, PROMPTS, tok), scores(other, parts, PROMPTS, tok)
+    by_ids, by_text = scores(same, parts, PROMPTS, Chat(tok, None, [tok.eos_token_id])), scores(other, parts, PROMPTS, Chat(tok, None, [tok.eos_token_id]))
     no_eos = (parts[0].response == tok.eos_token_id).sum(1) == 0
     assert no_eos.any()
     np.testing.assert_allclose(by_ids[no_eos.numpy()], by_text[no_eos.numpy()], rtol=1e-4, atol=1e-5)
@@ -84,8 +84,8 @@ def test_reward_model_scores_ids_and_text_alike(tmp_path, lm_pair):
 
 def test_reward_function_gets_completions_and_ids(lm_pair):
     policy, _, tok = lm_pair
-    parts = sample(policy, tok, ["describe the fox :"], Sampling(max_new_tokens=4, temperature=1.0, top_p=1.0, seed=3))
-    gold = scores(load_scorer("soupkit.demo.world:gold_reward", tok), parts, ["describe the fox :"], tok)
+    parts = sample(policy, tok, ["describe the fox :"], Sampling(max_new_tokens=4, temperature=1.0, top_p=1.0, seed=3), [tok.eos_token_id])
+    gold = scores(load_scorer("soupkit.demo.world:gold_reward", tok), parts, ["describe the fox :"], Chat(tok, None, [3]))
     text = tok.decode(parts[0].response[0][parts[0].mask[0]], skip_special_tokens=True)
     from soupkit.demo.world import gold_score
 

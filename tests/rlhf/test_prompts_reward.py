@@ -26,7 +26,7 @@ def test_prompt_files(tmp_path):
 @pytest.mark.parametrize("name, text, message", [
     ("empty.txt", "\n \n", "empty"),
     ("bad.jsonl", '{"prompt": "a"}\n{oops\n', "bad.jsonl:2: invalid JSON"),
-    ("field.jsonl", '{"text": "a"}\n', "field.jsonl:1: no string field 'prompt'"),
+    ("field.jsonl", '{"text": "a"}\n', "field.jsonl:1: no prompt: expected a 'prompt' field .* the row has text"),
 ])
 def test_bad_prompt_files(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from soupkit.rlhf.rollout import (
     Rollout,
+    ended,
     entropy,
     generate,
     position_ids,
@@ -19,9 +20,18 @@ from soupkit.rlhf.rollout import (
 
 def test_truncate_at_stop_keeps_the_first_eos_and_pads_after():
     response = torch.tensor([[5, 3, 7, 3], [5, 6, 7, 8], [3, 9, 9, 9]])
-    out, mask = truncate_at_stop(response, stop_id=3, pad_id=0)
+    out, mask = truncate_at_stop(response, stop_ids=[3], pad_id=0)
     assert out.tolist() == [[5, 3, 0, 0], [5, 6, 7, 8], [3, 0, 0, 0]]
     assert mask.tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
+
+
+def test_any_end_of_turn_token_ends_a_response():
+    """Llama 3 style: EOS and another end-of-turn id (<|eot_id|>) both stop; the first one wins."""
+    response = torch.tensor([[5, 9, 7, 3], [5, 6, 7, 8], [3, 9, 9, 9]])
+    out, mask = truncate_at_stop(response, stop_ids=[3, 9], pad_id=0)
+    assert out.tolist() == [[5, 9, 0, 0], [5, 6, 7, 8], [3, 0, 0, 0]]
+    assert ended(out, mask, [3, 9]).tolist() == [True, False, True]
+    assert ended(out, mask, [3]).tolist() == [False, False, True]
 
 
 def test_top_p_keeps_the_smallest_nucleus():
@@ -60,11 +70,11 @@ def test_cached_generation_at_low_temperature_equals_hf_greedy(sft_a):
 
     model = AutoModelForCausalLM.from_pretrained(sft_a).eval()
     tok, ids, mask = _left_padded_batch()
-    ours = generate(model, ids, mask, max_new_tokens=6, temperature=1e-4, top_p=1.0, eos_id=3, pad_id=0)
+    ours = generate(model, ids, mask, max_new_tokens=6, temperature=1e-4, top_p=1.0, stop_ids=[3], pad_id=0)
     hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6,
                         eos_token_id=3, pad_token_id=0)[:, ids.shape[1]:]
-    ours, _ = truncate_at_stop(ours, 3, 0)
-    hf, _ = truncate_at_stop(hf, 3, 0)
+    ours, _ = truncate_at_stop(ours, [3], 0)
+    hf, _ = truncate_at_stop(hf, [3], 0)
     assert ours.tolist() == hf[:, :ours.shape[1]].tolist()
 
 

@@ -82,6 +82,7 @@ def test_reward_model_prefers_the_chosen_answers(tmp_path, base):
 def test_missing_columns_are_named(tmp_path, base):
     data = _jsonl(tmp_path / "bad.jsonl", [{"question": "x", "answer": "y"}])
     spec = SFTSpec(name="a", base=str(base), data=str(data), output=str(tmp_path / "a"))
-    with pytest.raises(SoupkitError, match="needs columns prompt/completion or messages or text"):
+    with pytest.raises(SoupkitError, match=r"bad.jsonl:1: not an SFT example: expected 'messages', 'prompt' \+ "
+                                           r"'completion', or 'text'; the row has answer, question"):
         train_sft(spec)
     assert not (tmp_path / "a").exists()
