@@ -215,9 +215,11 @@ def _busy(lock: Path) -> bool:
 
 
 def check_not_being_written(paths: Iterable[str | Path], what: str) -> None:
-    """Refuse to read an input that another process is still writing (a partial result)."""
+    """Refuse to read an input that another process is still writing (a partial result). Paths
+    that do not exist are left to the caller's own "not found" (a Hub id, an output renamed into
+    place only when complete)."""
     for path in paths:
-        holder = writer_of(path)
+        holder = writer_of(path) if Path(path).exists() else None
         if holder is not None:
             raise SoupkitError(f"{what} {path} is still being written ({holder}); wait for it to finish")
 

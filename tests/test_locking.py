@@ -71,6 +71,7 @@ def test_reader_is_refused_only_while_another_process_writes(tmp_path):
     with hold(run) as holder:
         assert f"pid {holder.pid} " in writer_of(run / "final" / "model.safetensors")  # inside counts
         assert writer_of(tmp_path / "align" / "seed-1") is None
+        run.mkdir()
         with pytest.raises(SoupkitError, match=rf"^eval: align run {run} is still being written \(pid {holder.pid} "):
             check_not_being_written([run], "eval: align run")
     check_not_being_written([run], "eval: align run")
@@ -87,6 +88,7 @@ def test_readers_refuse_partial_inputs(tmp_path, llama_pair):
 
     align = {"ref": "r", "reward": "m:f", "prompts": "p.txt", "output": str(tmp_path / "al"), "seeds": [0, 1]}
     evaluation = {"prompts": "p.txt", "output": str(tmp_path / "eval")}
+    (tmp_path / "al" / "align" / "seed-1").mkdir(parents=True)  # align writes in place
     with hold(tmp_path / "al" / "align" / "seed-1"), pytest.raises(SoupkitError, match="seed-1 is still being written"):
         run_eval({"align": align, "eval": evaluation})
 
