@@ -174,12 +174,25 @@ def run_pipeline(recipe: str | Path | Recipe, *, only: Iterable[str] = (), force
     _check_outputs(plan)
     report: dict[str, list[str]] = {}
     upstream_ran = False
-    for stage in STAGES:
-        if only and stage not in only:
-            continue
-        report[stage] = [_run_unit(u, stage in force, upstream_ran, log) for u in plan[stage]]
-        upstream_ran = upstream_ran or "ran" in report[stage]
+    with _lock_outputs(plan, only, force) as held:
+        for stage in STAGES:
+            if only and stage not in only:
+                continue
+            report[stage] = [_run_unit(u, stage in force, upstream_ran, log) for u in plan[stage]]
+            upstream_ran = upstream_ran or "ran" in report[stage]
+            for unit in plan[stage]:
+                held.release(unit.output)  # written and marked: open to readers again
     return report
+
+
+def _lock_outputs(plan: dict[str, list[Unit]], only: set[str], force: set[str]) -> Any:
+    """Lock, before any work, the output of every unit this run may write, so two launches of one
+    recipe cannot interleave (issue #16). Each is locked before its marker is read; a complete unit
+    that will be skipped is let go at once, so readers of finished stages are never blocked."""
+    from soupkit.locking import writing
+
+    chosen = {u.output: u for stage in STAGES if not only or stage in only for u in plan[stage]}
+    return writing(chosen, keep=lambda out: state(chosen[out]) != "done" or chosen[out].stage in force)
 
 
 def chain_upstream(plan: dict[str, list[Unit]]) -> dict[str, list[Unit]]:
@@ -240,17 +253,27 @@ def _silent(*_: Any) -> None:
 
 def run_eval(recipe: str | Path | Recipe, *, force: bool = False,
              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Evaluate every align run of ``recipe`` as its ``eval:`` section says (``soupkit eval``)."""
-    from soupkit.checkpoint import atomic_output_dir
-    from soupkit.evaluation.report import RunResult, evaluate
-    from soupkit.rlhf.prompts import load_prompts
+    """Evaluate every align run of ``recipe`` as its ``eval:`` section says (``soupkit eval``).
+    The eval output is locked throughout; an align run another process is still writing is refused."""
+    from soupkit.locking import writing
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     spec, align = recipe.eval, recipe.align
     if spec is None or align is None:
         raise SoupkitError("eval needs both an align: and an eval: section")
+    with writing([Path(spec.output)]):
+        return _run_eval(spec, align, force, progress)
+
+
+def _run_eval(spec: Any, align: AlignSpec, force: bool, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    from soupkit.checkpoint import atomic_output_dir
+    from soupkit.evaluation.report import RunResult, evaluate
+    from soupkit.locking import check_not_being_written
+    from soupkit.rlhf.prompts import load_prompts
+
     runs = [RunResult(name, seed, coef, path / "final", _sampling(spec, run_spec))
             for name, seed, coef, run_spec, path in expand_align(align)]
+    check_not_being_written([r.path.parent for r in runs], "eval: align run")  # not a run half done
     missing = [str(r.path) for r in runs if not (r.path / "config.json").is_file()]
     if missing:
         raise SoupkitError(f"eval: align run output {missing[0]} is missing; run the align stage first")

@@ -89,10 +89,18 @@ def _write_init(path: Path) -> None:
 
 def run_demo(out: Path, *, force: bool = False, small: bool = False, overrides: Iterable[str] = (),
              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or finish) the demo under ``out``; returns the eval results."""
-    from soupkit.pipeline import run_pipeline
+    """Run (or finish) the demo under ``out``; returns the eval results. ``out`` is locked for the
+    whole demo, so a second demo into it fails at once (``soupkit.locking``)."""
+    from soupkit.locking import writing
 
     out = Path(out)
+    with writing([out]):
+        return _run_demo(out, force, small, overrides, log)
+
+
+def _run_demo(out: Path, force: bool, small: bool, overrides: Iterable[str], log: Callable[[str], None]) -> dict[str, Any]:
+    from soupkit.pipeline import run_pipeline
+
     if out.exists() and any(out.iterdir()) and not (out / "data").is_dir():
         if not force:
             raise SoupkitError(f"output {out} exists and is not a soupkit demo; pass --force to replace it")

@@ -224,13 +224,18 @@ def write_json(result: dict[str, Any], out: str | Path) -> None:
 
 def run_inspect(models: Sequence[str], *, json_out: str | Path | None = None,
                 plots: str | Path | None = None, force: bool = False, **kw: Any) -> dict[str, Any]:
-    """``report(models, **kw)``, then the JSON file and plots; outputs are checked first."""
-    check_outputs(json_out, plots, force)
-    result = report(models, **kw)
-    if plots is not None:
-        from soupkit.diagnostics.plots import write_plots
+    """``report(models, **kw)``, then the JSON file and plots; outputs are checked first, and
+    locked from then until written so a second inspect cannot replace them (``soupkit.locking``)."""
+    from soupkit.locking import check_not_being_written, writing
 
-        write_plots(result, Path(plots), force)
-    if json_out is not None:
-        write_json(result, json_out)
+    with writing([p for p in (json_out, plots) if p is not None]):
+        check_outputs(json_out, plots, force)
+        check_not_being_written([*models, kw["base"]] if kw.get("base") else models, "model")
+        result = report(models, **kw)
+        if plots is not None:
+            from soupkit.diagnostics.plots import write_plots
+
+            write_plots(result, Path(plots), force)
+        if json_out is not None:
+            write_json(result, json_out)
     return result

@@ -16,6 +16,7 @@ from soupkit.checkpoint import (
     write_provenance,
 )
 from soupkit.errors import SoupkitError
+from soupkit.locking import check_not_being_written, writing
 from soupkit.merge import engine, mergekit_backend
 from soupkit.merge.preflight import MergePlan, preflight
 from soupkit.recipe import NATIVE_METHODS, MergeSpec, Recipe, load_recipe, to_plain, validate
@@ -46,21 +47,29 @@ def run_merge(
     """Merge the ingredients of a recipe's ``merge:`` section; returns the output directory.
 
     All checks run before any weight is read; the output appears only when complete (written to
-    a temporary sibling, then renamed), and an existing non-empty output needs ``force``.
+    a temporary sibling, then renamed), and an existing non-empty output needs ``force``. The
+    output is locked from before its first check until the rename, so a second merge into it
+    fails at once instead of replacing this one (``soupkit.locking``).
     """
     spec = load_merge_spec(recipe)
     output = Path(out or spec.output or "")
     if not str(output) or output == Path():
         raise SoupkitError("merge.output: no output directory; set merge.output or pass --out")
-    if spec.method not in NATIVE_METHODS:
-        mergekit_backend.validate(spec)
-    plan = preflight(spec, output, force=force, allow_pickle=allow_pickle)
-    try:
-        with atomic_output_dir(output, force) as tmp:
-            _merge_into(plan, tmp, progress)
-    finally:
-        plan.close()
+    with writing([output]):  # before preflight's look at the output, until the rename (issue #16)
+        if spec.method not in NATIVE_METHODS:
+            mergekit_backend.validate(spec)
+        check_not_being_written(_ingredients(spec), "merge: ingredient")
+        plan = preflight(spec, output, force=force, allow_pickle=allow_pickle)
+        try:
+            with atomic_output_dir(output, force) as tmp:
+                _merge_into(plan, tmp, progress)
+        finally:
+            plan.close()
     return output
+
+
+def _ingredients(spec: MergeSpec) -> list[str]:
+    return [ing.model for ing in spec.models] + ([spec.base] if spec.base else [])
 
 
 def _merge_into(plan: MergePlan, tmp: Path, progress: Progress | None) -> None:

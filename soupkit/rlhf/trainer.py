@@ -27,6 +27,7 @@ from soupkit.checkpoint import atomic_output_dir, check_output_free, write_prove
 from soupkit.errors import SoupkitError
 from soupkit.formats import Prompt
 from soupkit.launch import processes
+from soupkit.locking import check_not_being_written, writing
 from soupkit.recipe import AlignSpec
 from soupkit.rlhf import checkpoints as ckpt
 from soupkit.rlhf.advantage import (
@@ -93,12 +94,19 @@ def train(spec: AlignSpec, *, out: str | Path | None = None, force: bool = False
 
     ``progress(done, total, metrics)`` is called after each step (main process only).
     ``resume`` continues from the newest checkpoint under ``OUT/checkpoints``; ``force`` replaces
-    a non-empty ``OUT``.
+    a non-empty ``OUT``. ``OUT`` is locked for the whole run, from before its first check, so a
+    second run into it fails at once instead of interleaving its metrics and checkpoints
+    (``soupkit.locking``; a killed run's lock goes with its process, so ``resume`` needs no clean-up).
     """
     target = out or spec.output
     if not target:
         raise SoupkitError("align: no output directory; pass --out or set align.output")
-    out_dir = Path(target)
+    with writing([Path(target)]):
+        return _train(spec, Path(target), force, resume, progress)
+
+
+def _train(spec: AlignSpec, out_dir: Path, force: bool, resume: bool, progress: Progress | None) -> Path:
+    check_not_being_written(_inputs(spec), "align: input")
     resume_dir = _check_output(out_dir, force, resume)
     sources = preflight(spec)
     run = setup(spec, sources, out_dir, resume_dir)
@@ -108,6 +116,11 @@ def train(spec: AlignSpec, *, out: str | Path | None = None, force: bool = False
         if progress is not None and run.accelerator.is_main_process:
             progress(step + 1, spec.steps, metrics)
     return write_final(run)
+
+
+def _inputs(spec: AlignSpec) -> list[str]:
+    """The models align reads (a reward given as module:function names no output, and passes)."""
+    return [*spec.ref, *([spec.init] if spec.init else []), spec.reward, *spec.watch.values()]
 
 
 def _check_output(out: Path, force: bool, resume: bool) -> Path | None:
