@@ -301,5 +301,6 @@ def _path_report(spec: Any, reward: str) -> dict[str, Any]:
     from soupkit.diagnostics.report import report
 
     result = report([spec.path.a, spec.path.b], prompts=spec.prompts, path=True, reward=reward,
-                    points=spec.path.points)
+                    points=spec.path.points, prompt_split=spec.prompt_split,
+                    chat_template=spec.chat_template or "auto")
     return result["path"]

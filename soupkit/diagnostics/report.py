@@ -89,7 +89,7 @@ def find_soup(ckpts: Sequence[Checkpoint], soup: str | None) -> int | None:
 
 def prepare(models: Sequence[str], base: str | None, prompts: str | Path | None, path: bool,
             reward: str | None, points: int, soup: str | None, allow_pickle: bool,
-            chat_template: str = "auto") -> Inputs:
+            chat_template: str = "auto", prompt_split: str = "train") -> Inputs:
     """Open and check everything; raises ``SoupkitError`` before any weight is read."""
     from soupkit.diagnostics.texts import read_texts
 
@@ -107,7 +107,7 @@ def prepare(models: Sequence[str], base: str | None, prompts: str | Path | None,
     check_same_architecture(everyone)
     check_same_vocabulary(everyone)
     names = check_same_tensors(everyone)
-    texts = read_texts(prompts) if prompts is not None else None
+    texts = read_texts(prompts, prompt_split) if prompts is not None else None
     reward_fn = _reward(reward)
     return Inputs(list(models), ckpts, base_ckpt, names, texts, find_soup(ckpts, soup), reward_fn,
                   checked_setting(chat_template, "--chat-template"))
@@ -174,14 +174,15 @@ def path_pass(inp: Inputs, lms: dict[int, Any], tok: Any, ids: list[list[int]], 
 
 def report(models: Sequence[str], *, base: str | None = None, prompts: str | Path | None = None,
            path: bool = False, reward: str | None = None, points: int = 9, soup: str | None = None,
-           allow_pickle: bool = False, chat_template: str = "auto", progress: Progress | None = None) -> dict[str, Any]:
+           allow_pickle: bool = False, chat_template: str = "auto", prompt_split: str = "train",
+           progress: Progress | None = None) -> dict[str, Any]:
     """Measure ``models`` (paths or Hub ids) and return the JSON-ready report.
 
     ``{"models": [...], "pairs": [{"a", "b", "l2", "relative_l2", "cosine", "task_cosine",
     "sign_conflict", "kl", "kl_reverse", "js", "top1_agreement", "layers": [...], ...}],
     "path": {...}}``; keys are absent when not computed. A soup's pairs put the soup as ``a``.
     """
-    inp = prepare(models, base, prompts, path, reward, points, soup, allow_pickle, chat_template)
+    inp = prepare(models, base, prompts, path, reward, points, soup, allow_pickle, chat_template, prompt_split)
     try:
         pairs = weight_pairs(inp, progress)
         result: dict[str, Any] = {"models": inp.refs, "pairs": pairs}

@@ -19,9 +19,12 @@ MAX_TOKENS = 512
 BATCH = 8
 
 
-def read_texts(path: str | Path) -> list[Prompt]:
-    """Probe texts from ``.jsonl`` (rows of any TRL format, or a ``text`` field) or ``.txt`` (one
-    per line); rendered with the chat template later, when the tokenizer is known."""
+def read_texts(path: str | Path, split: str = "train") -> list[Prompt]:
+    """Probe texts from ``.jsonl`` (rows of any TRL format, or a ``text`` field), ``.txt`` (one
+    per line) or a dataset (its ``split``); rendered with the chat template later, when the
+    tokenizer is known."""
+    if Path(path).suffix not in (".jsonl", ".txt") and (Path(path).is_dir() or not Path(path).exists()):
+        return load_prompts(str(path), split=split, text=True)  # a saved or Hub dataset
     path = Path(path)
     if not path.is_file():
         raise SoupkitError(f"--prompts {path}: no such file")

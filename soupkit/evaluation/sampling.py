@@ -129,7 +129,8 @@ def completions(parts: list[Rollout], chat: Chat) -> list[str]:
 def measure(policy_dir: Path, prompts: Sequence[Prompt], how: Sampling, reward: Scorer, gold: Scorer | None,
             references: dict[str, Any]) -> dict[str, Any]:
     """Every per-prompt number for one policy: ``reward``, ``gold``, ``kl_<ref>``, ``length``,
-    ``ended`` (1 when the response ended its turn), and the first few ``examples``."""
+    ``ended`` (1 when the response ended its turn), ``nonempty`` (1 when the completion has text),
+    and the first few ``examples``."""
     from soupkit.diagnostics.texts import load_lm
 
     chat = policy_chat(policy_dir, how.chat_template)
@@ -143,5 +144,7 @@ def measure(policy_dir: Path, prompts: Sequence[Prompt], how: Sampling, reward: 
         rows["gold"] = scores(gold, parts, prompts, chat)
     for name, ref in references.items():
         rows[f"kl_{name}"] = sequence_kl(policy, ref, parts, how.temperature)
-    rows["examples"] = [{"prompt": shown(p), "completion": c} for p, c in list(zip(prompts, completions(parts, chat)))[:3]]
+    texts = completions(parts, chat)
+    rows["nonempty"] = np.array([float(bool(t.strip())) for t in texts])
+    rows["examples"] = [{"prompt": shown(p), "completion": c} for p, c in list(zip(prompts, texts))[:3]]
     return rows

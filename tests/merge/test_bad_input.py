@@ -256,3 +256,33 @@ def test_tokenizer_with_an_extra_token_is_named(tmp_path, llama_pair):
     (b / "tokenizer.json").write_text(json.dumps(tok))
     result = run_cli(tmp_path, recipe([llama_pair[0], b], tmp_path / "soup"))
     assert_clean_error(result, "token 'zebra' has id None vs 60")
+
+
+def _with_template(tmp_path: Path, src: Path, name: str, template: str | None) -> Path:
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    if template is not None:
+        (dst / "chat_template.jinja").write_text(template)
+    return dst
+
+
+def test_chat_templates_must_agree_and_the_soup_keeps_them(tmp_path, llama_pair):
+    a = _with_template(tmp_path, llama_pair[0], "a", "{{ 'A' }}")
+    b = _with_template(tmp_path, llama_pair[1], "b", "{{ 'B' }}")
+    out = tmp_path / "soup"
+    assert_clean_error(run_cli(tmp_path, recipe([a, b], out)),
+                       r"chat template mismatch: .*/a and .*/b render conversations differently; set merge.chat_template", out)
+    (tmp_path / "chosen.jinja").write_text("{{ 'C' }}")
+    result = run_cli(tmp_path, recipe([a, b], out, chat_template=str(tmp_path / "chosen.jinja")))
+    assert result.exit_code == 0, result.output
+    assert (out / "chat_template.jinja").read_text() == "{{ 'C' }}"
+    (b / "chat_template.jinja").write_text("{{ 'A' }}")
+    result = run_cli(tmp_path, recipe([a, b], tmp_path / "soup2"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "soup2" / "chat_template.jinja").read_text() == "{{ 'A' }}"
+
+
+def test_chatml_soup_needs_the_markers_in_the_vocabulary(tmp_path, llama_pair):
+    out = tmp_path / "soup"
+    assert_clean_error(run_cli(tmp_path, recipe(list(llama_pair), out, chat_template="chatml")),
+                       r"merge.chat_template chatml: .*llama-a has no <\|im_end\|> token", out)

@@ -86,3 +86,41 @@ def test_missing_columns_are_named(tmp_path, base):
                                            r"'completion', or 'text'; the row has answer, question"):
         train_sft(spec)
     assert not (tmp_path / "a").exists()
+
+
+CHAT_ROWS = [{"prompt": "the cat", "prompt_id": "1", "messages": [
+    {"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat on the mat"}]}] * 8
+UF_ROWS = [{"prompt": "the cat", "chosen": [{"role": "user", "content": "the cat"},
+                                            {"role": "assistant", "content": "sat on the mat"}],
+            "rejected": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "bad bad"}],
+            "score_chosen": 8.0, "score_rejected": 2.0}] * 8
+
+
+def test_conversational_sft_needs_a_template_and_saves_the_one_it_used(tmp_path, base):
+    from transformers import AutoTokenizer
+
+    from soupkit.chat import CHATML
+
+    data = _jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)
+    spec = SFTSpec(name="a", base=str(base), data=str(data), output=str(tmp_path / "a"), batch_size=8, max_length=32)
+    with pytest.raises(SoupkitError, match=r"^sft\[a\].data is conversational but .*base has no chat template; "
+                                           r"set sft\[a\].chat_template: chatml or a .jinja file"):
+        train_sft(spec)
+    assert not (tmp_path / "a").exists()
+    out = train_sft(spec.model_copy(update={"chat_template": "chatml"}))
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == CHATML and tok.eos_token == "<|im_end|>"
+    assert (out / "chat_template.jinja").read_text() == CHATML
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == len(tok) and config["eos_token_id"] == tok.eos_token_id
+
+
+@pytest.mark.smoke
+def test_reward_model_trains_on_ultrafeedback_binarized_rows(tmp_path, base):
+    """The row shape that crashed TRL's RewardTrainer ('list' object has no attribute 'endswith')."""
+    sft_dir = train_sft(SFTSpec(name="c", base=str(base), data=str(_jsonl(tmp_path / "c.jsonl", CHAT_ROWS)),
+                                output=str(tmp_path / "c"), chat_template="chatml", batch_size=8, max_length=32))
+    data = _jsonl(tmp_path / "uf.jsonl", UF_ROWS)
+    out = train_reward_model(RewardModelSpec(base=str(sft_dir), data=str(data), output=str(tmp_path / "rm"),
+                                             batch_size=8, max_length=32))
+    assert (out / "chat_template.jinja").is_file()
