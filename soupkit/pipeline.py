@@ -3,9 +3,9 @@
 Stages: ``sft`` (each ingredient run), ``reward_model``, ``merge``, ``align`` (each named run x seed
 x kl_coef) and ``eval``. A unit of work is complete when its output holds ``.soupkit-complete``,
 written last, with a hash of the settings that made it. A unit whose output exists without the
-marker was interrupted and is redone (align runs resume from their newest checkpoint); one whose
-marker hash differs from the recipe is refused unless the stage is forced, so a changed recipe
-never silently reuses stale results.
+marker was interrupted and is redone (align, SFT and reward-model runs continue from their newest
+checkpoint); one whose marker hash differs from the recipe is refused unless the stage is forced,
+so a changed recipe never silently reuses stale results.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 from soupkit.errors import SoupkitError
 from soupkit.launch import main_process, processes
 from soupkit.recipe import AlignSpec, Recipe, load_recipe, to_plain
+from soupkit.stopping import Stopped
 
 STAGES = ("sft", "reward_model", "merge", "align", "eval")
 MARKER = ".soupkit-complete"
@@ -103,11 +104,11 @@ def units(recipe: Recipe, log: Log) -> dict[str, list[Unit]]:
     work: dict[str, list[Unit]] = {stage: [] for stage in STAGES}
     for spec in recipe.sft or []:
         work["sft"].append(Unit("sft", spec.name, Path(spec.output), to_plain(spec),
-                                lambda force, s=spec: train_sft(s, force=force)))
+                                lambda force, s=spec: train_sft(s, force=force, log=log)))
     if recipe.reward_model:
         rm = recipe.reward_model
         work["reward_model"].append(Unit("reward_model", "reward_model", Path(rm.output), to_plain(rm),
-                                         lambda force: train_reward_model(rm, force=force)))
+                                         lambda force: train_reward_model(rm, force=force, log=log)))
     if recipe.merge:
         m = recipe.merge
         work["merge"].append(Unit("merge", "soup", Path(m.output or ""), to_plain(m),
@@ -132,7 +133,10 @@ def _align_unit(name: str, seed: int, coef: float, spec: AlignSpec, path: Path, 
             log(f"  resuming {name} seed {seed} from {latest_checkpoint(path).name}")
         # An interrupted run with no checkpoint yet starts again: ``force`` lets align clear what it
         # wrote (on the main process only, so several processes never race to delete it).
-        return train(spec, out=path, force=force or (not resume and path.exists()), resume=resume)
+        try:
+            return train(spec, out=path, force=force or (not resume and path.exists()), resume=resume)
+        except Stopped as exc:  # soupkit run resumes by itself
+            raise Stopped(exc.step, exc.checkpoint, exc.signum, "rerun soupkit run to continue") from None
 
     return Unit("align", f"{name}/seed-{seed}/kl-{coef:g}", path, to_plain(spec), run)
 

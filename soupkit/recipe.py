@@ -292,6 +292,8 @@ class TrainSpec(Strict):
     """Examples per device per optimiser step."""
     max_length: int = Field(1024, ge=8)
     """Longer examples are truncated."""
+    save_steps: int = Field(200, ge=0)
+    """Checkpoint every N optimiser steps (0 = never), so ``soupkit run`` continues an interrupted run."""
 
 
 class SFTSpec(TrainSpec):

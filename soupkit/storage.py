@@ -14,7 +14,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,20 +79,30 @@ def _probe(directory: Path) -> None:
 
 
 @contextmanager
-def write_errors(target: Path, kept: str) -> Iterator[None]:
+def write_errors(target: Path, kept: str | Callable[[], str]) -> Iterator[None]:
     """Turn an I/O error raised while writing ``target`` into one line: the file, the cause, and
-    ``kept`` (what is still intact, e.g. which checkpoint ``--resume`` will use)."""
+    ``kept`` (what is still intact, e.g. which checkpoint ``--resume`` will use; a callable is
+    asked when the error comes, for a run that checkpoints inside the block)."""
     from safetensors import SafetensorError
 
     try:
         yield
-    except (OSError, SafetensorError) as exc:
+    except (OSError, SafetensorError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not _torch_write_failure(exc):
+            raise
         where = getattr(exc, "filename", None) or target
-        raise SoupkitError(f"cannot write {where}: {_cause(exc)}; {kept}") from None
+        raise SoupkitError(f"cannot write {where}: {_cause(exc)}; {kept() if callable(kept) else kept}") from None
+
+
+def _torch_write_failure(exc: RuntimeError) -> bool:
+    """``torch.save(obj, path)`` reports a full disk as a RuntimeError from its zip writer."""
+    return any(mark in str(exc) for mark in ("PytorchStreamWriter", "inline_container"))
 
 
 def _cause(exc: BaseException) -> str:
     """``No space left on device`` from an OSError, or the library's message (safetensors)."""
     if isinstance(exc, OSError) and exc.errno is not None:
         return exc.strerror or errno.errorcode.get(exc.errno, str(exc))
+    if isinstance(exc, RuntimeError):
+        return f"torch.save failed, is the disk full? ({str(exc).strip().splitlines()[0]})"
     return str(exc).strip() or type(exc).__name__

@@ -170,3 +170,24 @@ def test_read_only_out_is_refused_before_models_load(tmp_path, sft_a, prompts_tx
     monkeypatch.setattr("soupkit.rlhf.trainer.preflight", must_not_load)
     with pytest.raises(SoupkitError, match=r"output .*run: cannot write in .* \(Read-only file system\)"):
         train(build_spec(None, _flags(sft_a, prompts_txt, f"{REWARDS}:good_words")), out=tmp_path / "run")
+
+
+def test_soupkit_run_says_to_rerun_it_after_a_stop(tmp_path, sft_a, prompts_txt, monkeypatch):
+    """Under ``soupkit run`` the hint is the rerun (which resumes by itself), and no marker is written."""
+    import yaml
+
+    from soupkit.pipeline import run_pipeline
+    from soupkit.stopping import Stopped
+
+    def stopped(spec, out, **kwargs):
+        raise Stopped(3, out / "checkpoints" / "step-3", signal.SIGTERM)
+
+    monkeypatch.setattr("soupkit.rlhf.train", stopped)
+    align = {"ref": str(sft_a), "reward": f"{REWARDS}:good_words", "prompts": str(prompts_txt),
+             "output": str(tmp_path / "align")}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"align": align}))
+    with pytest.raises(Stopped) as caught:
+        run_pipeline(tmp_path / "recipe.yaml", log=lambda line: None)
+    run = tmp_path / "align" / "align" / "seed-0"
+    assert str(caught.value) == f"stopped at step 3; checkpoint {run}/checkpoints/step-3; rerun soupkit run to continue"
+    assert caught.value.exit_code == 143 and not (run / ".soupkit-complete").exists()
