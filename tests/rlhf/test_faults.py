@@ -105,19 +105,6 @@ def test_a_second_signal_stops_at_once(tmp_path, sft_a, prompts_txt):
     assert ckpt.list_checkpoints(out) == []
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on the CPU is checked on Linux")
-def test_processes_agree_on_the_step_to_stop_at():
-    """Only rank 1 receives SIGTERM (during step 2); one all-reduce per step makes both stop after
-    step 2, which is what lets every process join the checkpoint's collectives."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).with_name("stop_check.py"))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "rank 0 stops after step 2 on signal 15" in done.stdout, done.stdout + done.stderr[-3000:]
-    assert "rank 1 stops after step 2 on signal 15" in done.stdout, done.stdout + done.stderr[-3000:]
-
-
 def test_failed_checkpoint_write_keeps_the_previous_one_for_resume(tmp_path, sft_a, prompts_txt, whole, monkeypatch):
     """The disk fills while step-4's trainer state is written: one line naming the file, the cause
     and the checkpoint --resume will use; step-2 is untouched and resuming from it equals the run."""
@@ -191,3 +178,43 @@ def test_soupkit_run_says_to_rerun_it_after_a_stop(tmp_path, sft_a, prompts_txt,
     run = tmp_path / "align" / "align" / "seed-0"
     assert str(caught.value) == f"stopped at step 3; checkpoint {run}/checkpoints/step-3; rerun soupkit run to continue"
     assert caught.value.exit_code == 143 and not (run / ".soupkit-complete").exists()
+
+
+def _worker_of_rank(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker process with ``RANK=rank`` (Linux /proc)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+        for pid in children:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in environ:
+                return int(pid)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on the CPU is checked on Linux")
+def test_sigterm_to_one_torchrun_worker_stops_both_after_the_same_step(tmp_path, sft_a, prompts_txt):
+    """Only rank 1 gets SIGTERM: both processes stop after the same step, join the checkpoint's
+    collectives, and rank 0 writes step-N and prints the one line; the run then resumes to the end."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "soupkit",
+           "align", "--ref", str(sft_a), "--prompts", str(prompts_txt), "--reward", f"{REWARDS}:slow_good_words",
+           "--out", str(out), "--steps", "4", "--batch-size", "4", "--max-new-tokens", "4", "--save-every", "0",
+           "--seed", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    rank1 = _worker_of_rank(proc.pid, 1)
+    _wait_for_first_step(proc, out)
+    os.kill(rank1, signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+    lines = [line.strip() for line in stderr.splitlines() if "stopped at" in line]
+    assert len(lines) == 1 and (match := STOP_LINE.fullmatch(lines[0])), stderr[-3000:]
+    step = int(match.group(1))
+    assert "exitcode  : 143" in stderr, stderr[-3000:]  # torchrun's report of its workers
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [step] and step < 4
+    assert [r["step"] for r in _metrics(out)] == list(range(1, step + 1))
+    flags = {"ref": [str(sft_a)], "prompts": str(prompts_txt), "reward": f"{REWARDS}:slow_good_words",
+             "steps": 4, "batch_size": 8, "max_new_tokens": 4, "save_every": 0, "seed": 5}
+    train(build_spec(None, flags), out=out, resume=True)
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
