@@ -21,6 +21,7 @@ from soupkit.errors import SoupkitError
 from soupkit.launch import main_process, processes
 from soupkit.recipe import AlignSpec, Recipe, load_recipe, to_plain
 from soupkit.stopping import Stopped
+from soupkit.storage import check_writable
 
 STAGES = ("sft", "reward_model", "merge", "align", "eval")
 MARKER = ".soupkit-complete"
@@ -159,6 +160,7 @@ def run_pipeline(recipe: str | Path | Recipe, *, only: Iterable[str] = (), force
             log = _silent  # one log, from the process that writes the markers
     plan = chain_upstream(units(loaded, log))
     _check_outputs(plan)
+    _check_writable(plan, only)
     report: dict[str, list[str]] = {}
     upstream_ran = False
     for stage in STAGES:
@@ -201,6 +203,15 @@ def _check_outputs(plan: dict[str, list[Unit]]) -> None:
             seen[key] = f"{stage} {unit.name}"
 
 
+def _check_writable(plan: dict[str, list[Unit]], only: set[str]) -> None:
+    """Every output this run will write can be written: an unwritable eval output is refused
+    before hours of training, not after them."""
+    for stage in STAGES:
+        for unit in plan[stage] if not only or stage in only else []:
+            if state(unit) != "done":
+                check_writable(unit.output, into=stage == "align")
+
+
 def _run_unit(unit: Unit, forced: bool, upstream_ran: bool, log: Log) -> str:
     status = state(unit)
     if status == "done" and not forced:
@@ -238,6 +249,7 @@ def run_eval(recipe: str | Path | Recipe, *, force: bool = False,
         raise SoupkitError("eval needs both an align: and an eval: section")
     runs = [RunResult(name, seed, coef, path / "final", _sampling(spec, run_spec))
             for name, seed, coef, run_spec, path in expand_align(align)]
+    check_writable(Path(spec.output))
     missing = [str(r.path) for r in runs if not (r.path / "config.json").is_file()]
     if missing:
         raise SoupkitError(f"eval: align run output {missing[0]} is missing; run the align stage first")

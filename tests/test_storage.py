@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from soupkit import run_merge
 from soupkit.checkpoint import SUPPORT_FILES
@@ -109,3 +110,29 @@ def test_permission_denied_is_refused(tmp_path):
     locked.mkdir(mode=0o555)
     with pytest.raises(SoupkitError, match=r"cannot write in .*locked \(Permission denied\)"):
         check_writable(locked / "soup")
+
+
+def test_soupkit_run_refuses_an_unwritable_later_output_before_the_first_stage(tmp_path, llama_pair, monkeypatch):
+    """The eval output is on a read-only filesystem: refused before the merge reads any weight,
+    not after it (and, in a real recipe, hours of SFT and PPO)."""
+    from soupkit.pipeline import run_pipeline
+
+    (tmp_path / "ro").mkdir()
+
+    def read_only_ro(directory):
+        if Path(directory).name == "ro":
+            _read_only(directory)
+
+    monkeypatch.setattr("soupkit.storage._probe", read_only_ro)
+    monkeypatch.setattr("soupkit.merge.run.preflight", _must_not_run)
+    soup = tmp_path / "soup"
+    recipe = {**_recipe(llama_pair, soup),
+              "align": {"ref": str(soup), "reward": "rewards.py:score", "prompts": "p.txt", "output": str(tmp_path / "a")},
+              "eval": {"prompts": "p.txt", "output": str(tmp_path / "ro" / "eval")}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(SoupkitError, match=r"output .*ro/eval: cannot write in .*ro \(Read-only file system\)"):
+        run_pipeline(tmp_path / "recipe.yaml", log=lambda line: None)
+    assert not soup.exists()
+    monkeypatch.undo()
+    monkeypatch.setattr("soupkit.storage._probe", read_only_ro)  # stages not run are not checked
+    assert run_pipeline(tmp_path / "recipe.yaml", only=["merge"], log=lambda line: None) == {"merge": ["ran"]}
