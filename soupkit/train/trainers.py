@@ -105,10 +105,12 @@ def _kept(out: Path) -> str:
 
 
 def _save(trainer: Any, tokenizer: Any, tmp: Path, section: str, spec: Any, card: str) -> None:
-    trainer.save_model(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; nobody should need to load it
-    write_provenance(tmp, {section: to_plain(spec)}, card)
+    out = Path(spec.output)
+    with write_errors(out, lambda: _kept(out)):  # a full disk here keeps the checkpoints for a rerun
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; nobody should need to load it
+        write_provenance(tmp, {section: to_plain(spec)}, card)
 
 
 def train_sft(spec: SFTSpec, *, force: bool = False, progress: Progress | None = None,
