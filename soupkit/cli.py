@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from soupkit.errors import SoupkitError
+from soupkit.stopping import Stopped
 
 app = typer.Typer(
     name="soupkit",
@@ -26,7 +27,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def user_errors(fn: F) -> F:
-    """Print a ``SoupkitError`` as one line on stderr and exit with code 2 (no traceback)."""
+    """Print a ``SoupkitError`` as one line on stderr and exit with code 2 (no traceback); a run
+    stopped by a signal prints where it stopped and exits with 128 + the signal number."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -35,8 +37,19 @@ def user_errors(fn: F) -> F:
         except SoupkitError as exc:
             _stderr().print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
             raise typer.Exit(2) from None
+        except Stopped as exc:
+            _stopped(exc)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _stopped(exc: Stopped) -> None:
+    from soupkit.launch import main_process
+
+    if main_process():  # every process stopped at the same step; one line says so
+        _stderr().print(str(exc), highlight=False, markup=False)
+    _end_processes(exc.exit_code)
+    raise typer.Exit(exc.exit_code) from None
 
 
 def _stderr() -> Any:
@@ -368,7 +381,7 @@ def _render_eval(results: dict[str, Any]) -> None:
         _console().print(line, highlight=False)
 
 
-def _end_processes() -> None:
+def _end_processes(code: int = 0) -> None:
     """Under torchrun / accelerate launch, once the command's work is done and written: wait for
     every process, close the process group, and leave without running interpreter teardown.
 
@@ -388,7 +401,7 @@ def _end_processes() -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def main() -> None:

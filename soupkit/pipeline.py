@@ -3,9 +3,9 @@
 Stages: ``sft`` (each ingredient run), ``reward_model``, ``merge``, ``align`` (each named run x seed
 x kl_coef) and ``eval``. A unit of work is complete when its output holds ``.soupkit-complete``,
 written last, with a hash of the settings that made it. A unit whose output exists without the
-marker was interrupted and is redone (align runs resume from their newest checkpoint); one whose
-marker hash differs from the recipe is refused unless the stage is forced, so a changed recipe
-never silently reuses stale results.
+marker was interrupted and is redone (align, SFT and reward-model runs continue from their newest
+checkpoint); one whose marker hash differs from the recipe is refused unless the stage is forced,
+so a changed recipe never silently reuses stale results.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 from soupkit.errors import SoupkitError
 from soupkit.launch import main_process, processes
 from soupkit.recipe import AlignSpec, Recipe, load_recipe, to_plain
+from soupkit.stopping import Stopped
+from soupkit.storage import check_writable
 
 STAGES = ("sft", "reward_model", "merge", "align", "eval")
 MARKER = ".soupkit-complete"
@@ -120,11 +122,11 @@ def units(recipe: Recipe, log: Log) -> dict[str, list[Unit]]:
     work: dict[str, list[Unit]] = {stage: [] for stage in STAGES}
     for spec in recipe.sft or []:
         work["sft"].append(Unit("sft", spec.name, Path(spec.output), to_plain(spec),
-                                lambda force, s=spec: train_sft(s, force=force)))
+                                lambda force, s=spec: train_sft(s, force=force, log=log)))
     if recipe.reward_model:
         rm = recipe.reward_model
         work["reward_model"].append(Unit("reward_model", "reward_model", Path(rm.output), to_plain(rm),
-                                         lambda force: train_reward_model(rm, force=force)))
+                                         lambda force: train_reward_model(rm, force=force, log=log)))
     if recipe.merge:
         m = recipe.merge
         work["merge"].append(Unit("merge", "soup", Path(m.output or ""), to_plain(m),
@@ -149,7 +151,10 @@ def _align_unit(name: str, seed: int, coef: float, spec: AlignSpec, path: Path, 
             log(f"  resuming {name} seed {seed} from {latest_checkpoint(path).name}")
         # An interrupted run with no checkpoint yet starts again: ``force`` lets align clear what it
         # wrote (on the main process only, so several processes never race to delete it).
-        return train(spec, out=path, force=force or (not resume and path.exists()), resume=resume)
+        try:
+            return train(spec, out=path, force=force or (not resume and path.exists()), resume=resume)
+        except Stopped as exc:  # soupkit run resumes by itself
+            raise Stopped(exc.step, exc.checkpoint, exc.signum, "rerun soupkit run to continue") from None
 
     return Unit("align", f"{name}/seed-{seed}/kl-{coef:g}", path, to_plain(spec), run)
 
@@ -172,6 +177,7 @@ def run_pipeline(recipe: str | Path | Recipe, *, only: Iterable[str] = (), force
             log = _silent  # one log, from the process that writes the markers
     plan = chain_upstream(units(loaded, log))
     _check_outputs(plan)
+    _check_writable(plan, only)
     report: dict[str, list[str]] = {}
     upstream_ran = False
     with _lock_outputs(plan, only, force) as held:
@@ -227,6 +233,15 @@ def _check_outputs(plan: dict[str, list[Unit]]) -> None:
             seen[key] = f"{stage} {unit.name}"
 
 
+def _check_writable(plan: dict[str, list[Unit]], only: set[str]) -> None:
+    """Every output this run will write can be written: an unwritable eval output is refused
+    before hours of training, not after them."""
+    for stage in STAGES:
+        for unit in plan[stage] if not only or stage in only else []:
+            if state(unit) != "done":
+                check_writable(unit.output, into=stage == "align")
+
+
 def _run_unit(unit: Unit, forced: bool, upstream_ran: bool, log: Log) -> str:
     status = state(unit)
     if status == "done" and not forced:
@@ -274,6 +289,7 @@ def _run_eval(spec: Any, align: AlignSpec, force: bool, progress: Callable[[int,
     runs = [RunResult(name, seed, coef, path / "final", _sampling(spec, run_spec))
             for name, seed, coef, run_spec, path in expand_align(align)]
     check_not_being_written([r.path.parent for r in runs], "eval: align run")  # not a run half done
+    check_writable(Path(spec.output))
     missing = [str(r.path) for r in runs if not (r.path / "config.json").is_file()]
     if missing:
         raise SoupkitError(f"eval: align run output {missing[0]} is missing; run the align stage first")

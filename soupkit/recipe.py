@@ -316,6 +316,8 @@ class TrainSpec(Strict):
     """Longer examples are truncated (SFT) or dropped (reward model, as TRL does)."""
     chat_template: ChatTemplate = "auto"
     """auto | always | never | chatml | PATH.jinja; saved with the output's tokenizer (``soupkit.chat``)."""
+    save_steps: int = Field(200, ge=0)
+    """Checkpoint every N optimiser steps (0 = never), so ``soupkit run`` continues an interrupted run."""
 
 
 class SFTSpec(TrainSpec):

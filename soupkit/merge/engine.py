@@ -110,9 +110,14 @@ def merge_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Buffers
         writer.write(name, narrow(acc, out_dtype, buf))
 
 
+def planned_tensors(plan: MergePlan) -> list[PlannedTensor]:
+    """The output's tensors, in order, with their output dtypes: what ``write_soup`` will write."""
+    return [PlannedTensor(n, output_dtype(plan, n), plan.models[0].tensors[n].shape) for n in plan.names]
+
+
 def write_soup(plan: MergePlan, out_dir: Path, progress: Progress | None = None) -> int:
     """Merge every tensor of ``plan`` into safetensors shards in ``out_dir``; returns bytes written."""
-    planned = [PlannedTensor(n, output_dtype(plan, n), plan.models[0].tensors[n].shape) for n in plan.names]
+    planned = planned_tensors(plan)
     writer = ShardedWriter(out_dir, planned, parse_size(plan.spec.shard_size))
     buf = Buffers()
     total, done = sum(t.nbytes for t in planned), 0

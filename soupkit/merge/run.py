@@ -10,6 +10,7 @@ from typing import Any
 from soupkit.checkpoint import (
     CONFIG_DTYPE,
     DTYPE_NAMES,
+    SUPPORT_FILES,
     atomic_output_dir,
     copy_support_files,
     write_config,
@@ -20,6 +21,7 @@ from soupkit.locking import check_not_being_written, writing
 from soupkit.merge import engine, mergekit_backend
 from soupkit.merge.preflight import MergePlan, preflight
 from soupkit.recipe import NATIVE_METHODS, MergeSpec, Recipe, load_recipe, to_plain, validate
+from soupkit.storage import check_free_space, check_writable, write_errors
 
 Progress = Callable[[int, int], None]
 
@@ -46,10 +48,11 @@ def run_merge(
 ) -> Path:
     """Merge the ingredients of a recipe's ``merge:`` section; returns the output directory.
 
-    All checks run before any weight is read; the output appears only when complete (written to
-    a temporary sibling, then renamed), and an existing non-empty output needs ``force``. The
-    output is locked from before its first check until the rename, so a second merge into it
-    fails at once instead of replacing this one (``soupkit.locking``).
+    All checks run before any weight is read, free space for the planned output included; the
+    output appears only when complete (written to a temporary sibling, then renamed), and an
+    existing non-empty output needs ``force``. The output is locked from before its first check
+    until the rename, so a second merge into it fails at once instead of replacing this one
+    (``soupkit.locking``).
     """
     spec = load_merge_spec(recipe)
     output = Path(out or spec.output or "")
@@ -59,9 +62,11 @@ def run_merge(
         if spec.method not in NATIVE_METHODS:
             mergekit_backend.validate(spec)
         check_not_being_written(_ingredients(spec), "merge: ingredient")
+        check_writable(output)
         plan = preflight(spec, output, force=force, allow_pickle=allow_pickle)
         try:
-            with atomic_output_dir(output, force) as tmp:
+            check_free_space(output, planned_bytes(plan), f"the merge into {output}")
+            with write_errors(output, f"{output} is unchanged"), atomic_output_dir(output, force) as tmp:
                 _merge_into(plan, tmp, progress)
         finally:
             plan.close()
@@ -70,6 +75,15 @@ def run_merge(
 
 def _ingredients(spec: MergeSpec) -> list[str]:
     return [ing.model for ing in spec.models] + ([spec.base] if spec.base else [])
+
+
+def planned_bytes(plan: MergePlan) -> int:
+    """Bytes the output will take: the tensors in their output dtype (an estimate for mergekit
+    methods, which write the same tensors) plus the support files copied from the source."""
+    tensors = sum(t.nbytes for t in engine.planned_tensors(plan))
+    support = sum((plan.source.path / name).stat().st_size for name in SUPPORT_FILES
+                  if (plan.source.path / name).is_file())
+    return tensors + support
 
 
 def _merge_into(plan: MergePlan, tmp: Path, progress: Progress | None) -> None:

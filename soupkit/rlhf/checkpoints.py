@@ -53,7 +53,8 @@ def save_checkpoint(out: Path, step: int, policy: Any, critic: Any, tokenizer: A
         policy.save_pretrained(tmp / "policy", state_dict=weights.get("policy"))
         tokenizer.save_pretrained(tmp / "policy")
         critic.save_pretrained(tmp / "critic", state_dict=weights.get("critic.seq_cls"))
-        torch.save(state, tmp / "trainer_state.pt")
+        with open(tmp / "trainer_state.pt", "wb") as f:  # through Python's file: a full disk is an OSError
+            torch.save(state, f)
     if keep:
         for _, old in list_checkpoints(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

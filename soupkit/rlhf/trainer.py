@@ -65,6 +65,8 @@ from soupkit.rlhf.sharding import (
     sharding,
     zero3_loading,
 )
+from soupkit.stopping import GracefulStop, Stopped
+from soupkit.storage import check_free_space, check_writable, write_errors
 
 Progress = Callable[[int, int, dict[str, Any]], None]
 TRAINED = ("policy", "critic.seq_cls")
@@ -97,6 +99,8 @@ def train(spec: AlignSpec, *, out: str | Path | None = None, force: bool = False
     a non-empty ``OUT``. ``OUT`` is locked for the whole run, from before its first check, so a
     second run into it fails at once instead of interleaving its metrics and checkpoints
     (``soupkit.locking``; a killed run's lock goes with its process, so ``resume`` needs no clean-up).
+    On SIGTERM / SIGINT the run finishes its step, checkpoints it and raises ``Stopped``
+    (``soupkit.stopping``).
     """
     target = out or spec.output
     if not target:
@@ -107,14 +111,19 @@ def train(spec: AlignSpec, *, out: str | Path | None = None, force: bool = False
 
 def _train(spec: AlignSpec, out_dir: Path, force: bool, resume: bool, progress: Progress | None) -> Path:
     check_not_being_written(_inputs(spec), "align: input")
+    check_writable(out_dir, into=True)
     resume_dir = _check_output(out_dir, force, resume)
     sources = preflight(spec)
     run = setup(spec, sources, out_dir, resume_dir)
-    for step in range(run.start_step, spec.steps):
-        metrics = ppo_step(run, step)
-        _finish_step(run, step + 1, metrics)
-        if progress is not None and run.accelerator.is_main_process:
-            progress(step + 1, spec.steps, metrics)
+    _check_space(run)
+    with GracefulStop(announce=run.accelerator.is_main_process) as stop:
+        for step in range(run.start_step, spec.steps):
+            metrics = ppo_step(run, step)
+            _finish_step(run, step + 1, metrics)
+            if progress is not None and run.accelerator.is_main_process:
+                progress(step + 1, spec.steps, metrics)
+            if step + 1 < spec.steps and (signum := stop.agreed(run.accelerator.device)):
+                _stop(run, step + 1, signum)
     return write_final(run)
 
 
@@ -467,9 +476,52 @@ def _metrics(run: Run, roll: Rollout, kl: torch.Tensor, returns: torch.Tensor,
 def _finish_step(run: Run, step: int, metrics: dict[str, Any]) -> None:
     """Log the step and, every ``save_every`` steps, write a checkpoint (main process only)."""
     if run.accelerator.is_main_process:
-        ckpt.append_metrics(run.out / "metrics.jsonl", {"step": step, **metrics})
-    if run.spec.save_every and step % run.spec.save_every == 0 and step < run.spec.steps:
+        with write_errors(run.out / "metrics.jsonl", _kept(run)):
+            ckpt.append_metrics(run.out / "metrics.jsonl", {"step": step, **metrics})
+    if _saves_at(run.spec, step):
         save(run, step)
+
+
+def _saves_at(spec: AlignSpec, step: int) -> bool:
+    """Whether a checkpoint is written after ``step`` (the last step writes ``final/`` instead)."""
+    return bool(spec.save_every) and step % spec.save_every == 0 and step < spec.steps
+
+
+def _stop(run: Run, step: int, signum: int) -> None:
+    """Stop after ``step`` on a signal: checkpoint it (unless that just happened), raise ``Stopped``.
+    Resuming then redoes no step and records none twice."""
+    if not _saves_at(run.spec, step):
+        save(run, step)
+    raise Stopped(step, ckpt.checkpoints_root(run.out) / f"step-{step}", signum)
+
+
+def _kept(run: Run) -> str:
+    """What survives a failed write: the newest checkpoint, which --resume would continue from."""
+    last = ckpt.latest_checkpoint(run.out)
+    if last is None:
+        return "no checkpoint was written yet, so --resume has nothing to continue from"
+    return f"the previous checkpoint {last} is intact and --resume will use it"
+
+
+def checkpoint_bytes(run: Run) -> int:
+    """Bytes one checkpoint takes: policy (only its adapter with LoRA) and critic weights, and
+    AdamW's two moments per trained parameter. Sharded parameters count whole (checkpoints hold
+    whole tensors); tokenizer and RNG files are left out (kilobytes to a few MB)."""
+    def size(p: torch.Tensor) -> int:
+        return (getattr(p, "ds_numel", None) or p.numel()) * p.element_size()
+
+    policy, critic = run.models.policy, run.models.critic
+    trained = [p for p in (*policy.parameters(), *critic.parameters()) if p.requires_grad]
+    saved = [p for p in policy.parameters() if p.requires_grad or not run.spec.lora_rank]
+    return sum(map(size, saved)) + sum(map(size, critic.parameters())) + 2 * sum(map(size, trained))
+
+
+def _check_space(run: Run) -> None:
+    """Refuse to start a run that will checkpoint when ``OUT``'s filesystem cannot hold one
+    (each save checks again: the disk may fill while the run goes on)."""
+    saves = any(_saves_at(run.spec, s) for s in range(run.start_step + 1, run.spec.steps))
+    if saves and run.accelerator.is_main_process:
+        check_free_space(run.out, checkpoint_bytes(run), "a checkpoint of this run")
 
 
 def save(run: Run, step: int) -> Path | None:
@@ -481,12 +533,15 @@ def save(run: Run, step: int) -> Path | None:
     weights = full_state_dicts(run.trained, TRAINED)
     if not acc.is_main_process:
         return None
+    target = ckpt.checkpoints_root(run.out) / f"step-{step}"
+    check_free_space(run.out, checkpoint_bytes(run), f"checkpoint {target}", _kept(run))
     state = {"step": step, "optimizer": optimizer, "scheduler": run.scheduler.state_dict(),
              "kl_ctl": run.kl_ctl.state_dict(), "rng": ckpt.rng_state(), "spec": _resumable(run.spec),
              "global_batch_size": _global_batch(run)}
     # A LoRA policy saves its adapter only; resuming rebuilds it on the init's weights.
-    return ckpt.save_checkpoint(run.out, step, run.models.policy, run.models.critic.seq_cls,
-                                run.models.tokenizer, state, run.spec.keep_checkpoints, weights)
+    with write_errors(target, _kept(run)):
+        return ckpt.save_checkpoint(run.out, step, run.models.policy, run.models.critic.seq_cls,
+                                    run.models.tokenizer, state, run.spec.keep_checkpoints, weights)
 
 
 def _global_batch(run: Run) -> int:
@@ -530,7 +585,7 @@ def write_final(run: Run) -> Path:
     final = run.out / "final"
     weights = full_state_dicts(run.trained, TRAINED)  # a collective when sharded
     if acc.is_main_process:
-        with atomic_output_dir(final, force=True) as tmp:
+        with write_errors(final, _kept(run)), atomic_output_dir(final, force=True) as tmp:
             _plain_policy(run.models.policy).save_pretrained(tmp, state_dict=weights and weights[TRAINED[0]])
             run.models.tokenizer.save_pretrained(tmp)
             write_provenance(tmp, {"align": run.spec.model_dump(mode="json")}, _card(run))
