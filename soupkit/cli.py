@@ -333,13 +333,14 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes everything.")] = Path("soupkit-demo"),
     force: Annotated[bool, typer.Option("--force", help="Start again from nothing.")] = False,
     small: Annotated[bool, typer.Option("--small", help="Reduced sizes and one seed (seconds).")] = False,
+    model: Annotated[str, typer.Option("--model", help="toy (a tiny world, the default) or smollm2 (SmolLM2-135M-Instruct, about 10 minutes).")] = "toy",
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: align.steps=10.")] = None,
 ) -> None:
     """The embedded default: the whole SALSA experiment at toy scale on a CPU (about a minute)."""
     from soupkit.demo.run import run_demo
 
     _quiet_libraries()
-    results = run_demo(out, force=force, small=small, overrides=set_ or [], log=_log)
+    results = run_demo(out, force=force, small=small, overrides=set_ or [], log=_log, model=model)
     _render_eval(results)
     _console().print(f"report: {out / 'eval' / 'report.md'}   recipe: {out / 'recipe.yaml'}")
 

@@ -80,3 +80,23 @@ def test_cli_demo_run_and_eval(tmp_path):
     assert json.loads((out / "eval" / "results.json").read_text())["baseline"] == "ppo"
     refused = runner.invoke(app, ["eval", str(out / "recipe.yaml")])
     assert refused.exit_code == 2 and "--force" in refused.output
+
+
+def test_chat_world_gold_judge_hand_worked():
+    from soupkit.demo import chat_world
+
+    conv = [{"role": "user", "content": "What is the capital of Kenya?"}]
+    assert chat_world.gold_reward(["What is the capital of Kenya?"], ["Nairobi."]) == [1.0]
+    assert chat_world.gold_reward([conv], [[{"role": "assistant", "content": "It is Mombasa."}]]) == [0.0]
+    twelve = "The capital of Kenya is Nairobi, a city I would like to visit."  # 13 words: 3 past ten
+    assert chat_world.gold_reward([conv], [twelve]) == [pytest.approx(1.0 - 0.03)]
+
+
+def test_smollm2_demo_recipe_is_valid_and_points_at_the_real_model(tmp_path):
+    from soupkit.demo.run import demo_recipe
+
+    recipe = demo_recipe(tmp_path / "d", ["align.steps=2"], model="smollm2", base=tmp_path / "smol")
+    assert [s.base for s in recipe.sft] == [str(tmp_path / "smol")] * 2
+    assert recipe.align.steps == 2 and recipe.align.output == str(tmp_path / "d" / "align")
+    with pytest.raises(Exception, match="--model 'gpt9': expected one of toy, smollm2"):
+        run_demo(tmp_path / "x", model="gpt9")

@@ -118,7 +118,7 @@ def test_unwritable_output_is_refused_before_the_model_loads(tmp_path, base, mon
         raise AssertionError("data or model loaded before the check")
 
     monkeypatch.setattr("soupkit.storage._probe", read_only)
-    monkeypatch.setattr("soupkit.train.trainers.load_rows", must_not_load)
+    monkeypatch.setattr("soupkit.train.trainers.read_examples", must_not_load)
     spec = SFTSpec(name="a", base=str(base), data=str(tmp_path / "x.jsonl"), output=str(tmp_path / "a"))
     with pytest.raises(SoupkitError, match=r"output .*a: cannot write in .* \(Read-only file system\)"):
         train_sft(spec)
