@@ -26,10 +26,10 @@ SEED = 0
 def load_reward(spec: str) -> RewardFn:
     """A reward function from a model directory or ``module:function`` / ``file.py:function``
     (the loaders of ``soupkit.rlhf.reward``); fails fast on bad input."""
-    from soupkit.rlhf.reward import is_function_ref, load_reward_fn
+    from soupkit.rlhf.reward import is_function_ref, load_reward_fn, reward_model_dir
 
     if Path(spec).is_dir():
-        return _model_reward(Path(spec))
+        return _model_reward(reward_model_dir(spec))
     if is_function_ref(spec):
         from soupkit.rlhf.reward import trl_completions
 

@@ -27,7 +27,13 @@ from soupkit.errors import SoupkitError
 from soupkit.formats import Prompt
 from soupkit.recipe import AlignSpec
 from soupkit.rlhf.prompts import load_prompts
-from soupkit.rlhf.reward import ModelReward, RewardFn, is_function_ref, load_reward_fn
+from soupkit.rlhf.reward import (
+    ModelReward,
+    RewardFn,
+    is_function_ref,
+    load_reward_fn,
+    reward_model_dir,
+)
 from soupkit.rlhf.sharding import full_weights, zero3_loading
 
 
@@ -59,8 +65,7 @@ def preflight(spec: AlignSpec) -> Sources:
     if is_function_ref(spec.reward):
         sources.reward_fn = load_reward_fn(spec.reward)
     else:
-        sources.reward_dir = resolve_model_dir(spec.reward, "reward model")
-        read_config(sources.reward_dir)
+        sources.reward_dir = reward_model_dir(spec.reward)
     return sources
 
 

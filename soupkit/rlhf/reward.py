@@ -70,6 +70,43 @@ def _import_module(target: str, reward: str) -> Any:
         raise SoupkitError(f"reward {reward!r}: cannot import {target!r}: {type(exc).__name__}: {exc}") from None
 
 
+GET_A_REWARD_MODEL = ("a reward model must be a sequence classifier (one label) whose score head was saved: "
+                      "train one with the reward_model: stage of `soupkit run`, or pass a reward function "
+                      "as module:function")
+
+
+def reward_model_dir(ref: str) -> Path:
+    """The directory of reward model ``ref``, checked from its files alone (config and safetensors
+    headers, no weights loaded) to hold a saved one-output ``score`` head. transformers would give a
+    causal LM a randomly initialised head without an error, and PPO would optimise noise."""
+    from soupkit.checkpoint import resolve_model_dir
+
+    path = resolve_model_dir(ref, "reward model")
+    problem = _head_problem(path)
+    if problem:
+        raise SoupkitError(f"reward model {ref}: {problem}; {GET_A_REWARD_MODEL}")
+    return path
+
+
+def _head_problem(path: Path) -> str | None:
+    """Why ``path`` is not a usable reward model, or None. The head is ``score`` as in transformers'
+    ``*ForSequenceClassification`` decoders (Llama, Mistral, Qwen, Gemma), which soupkit reads."""
+    from soupkit.checkpoint import has_pickle_weights, read_config, tensor_headers
+
+    archs = read_config(path).get("architectures") or []
+    tensors = tensor_headers(path)
+    heads = [t for name, t in tensors.items() if name.split(".")[-2:] == ["score", "weight"]]
+    if heads:
+        return None if heads[0].shape[0] == 1 else f"its score head has {heads[0].shape[0]} outputs, not 1"
+    classifier = any(str(a).endswith("ForSequenceClassification") for a in archs)
+    if not tensors and not has_pickle_weights(path):
+        return "no weights (*.safetensors or pytorch_model*.bin) in the directory"
+    if not tensors and classifier:
+        return None  # pickle weights cannot be read without loading them; the config is the evidence
+    kind = ", ".join(map(str, archs)) or "no architectures in config.json"
+    return f"no trained score head ({kind}; no score.weight in its weights)"
+
+
 @dataclass
 class ModelReward:
     """A sequence-classification reward model, with its tokenizer when it differs from the policy's."""
