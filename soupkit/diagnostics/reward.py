@@ -31,10 +31,10 @@ def load_reward(spec: str) -> RewardFn:
     if Path(spec).is_dir():
         return _model_reward(reward_model_dir(spec))
     if is_function_ref(spec):
-        from soupkit.rlhf.reward import trl_completions
+        from soupkit.rlhf.reward import call_reward_fn, trl_completions
 
         fn = load_reward_fn(spec)
-        return lambda prompts, completions, chat: fn(prompts, trl_completions(prompts, completions))
+        return lambda prompts, completions, chat: call_reward_fn(fn, prompts, trl_completions(prompts, completions))
     raise SoupkitError(f"--reward {spec!r}: neither a reward-model directory nor module:function")
 
 

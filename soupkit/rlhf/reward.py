@@ -191,16 +191,39 @@ def function_scores(fn: RewardFn, prompts: list[Prompt], completions: list[str],
                     completion_ids: list[list[int]], device: Any) -> torch.Tensor:
     """Call a reward function (prompts and completions in TRL's convention) and check it returned
     one finite float per completion. (b,)."""
-    out = fn(prompts, trl_completions(prompts, completions), completion_ids=completion_ids)
+    values = call_reward_fn(fn, prompts, trl_completions(prompts, completions), completion_ids=completion_ids)
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def call_reward_fn(fn: RewardFn, prompts: list[Any], completions: list[Any], **kw: Any) -> list[float]:
+    """``fn(prompts, completions, **kw)`` as one finite float per completion. What the user's code
+    raises becomes a ``SoupkitError`` naming the function, chained to it (``--debug`` prints it)."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    try:
+        out = fn(prompts, completions, **kw)
+    except Exception as exc:  # noqa: BLE001 - the user's code failed; say so in one line
+        raise SoupkitError(f"reward function {name} raised {_described(exc)} "
+                           "(`soupkit --debug ...` or SOUPKIT_DEBUG=1 prints its traceback)") from exc
     try:
         values = [float(v) for v in out]
-    except (TypeError, ValueError):
-        raise SoupkitError(f"reward function returned {type(out).__name__}; expected a list of floats") from None
+    except Exception:  # noqa: BLE001 - not a sequence of numbers
+        raise SoupkitError(f"reward function {name} returned {type(out).__name__}; expected a list of floats") from None
     if len(values) != len(completions):
-        raise SoupkitError(f"reward function returned {len(values)} scores for {len(completions)} completions")
+        raise SoupkitError(f"reward function {name} returned {len(values)} scores for {len(completions)} completions")
     if not all(math.isfinite(v) for v in values):
-        raise SoupkitError("reward function returned a NaN or infinite score")
-    return torch.tensor(values, dtype=torch.float32, device=device)
+        raise SoupkitError(f"reward function {name} returned a NaN or infinite score")
+    return values
+
+
+def _described(exc: Exception) -> str:
+    """``Type: message (at file.py:line)`` on one line; the place is the innermost frame."""
+    import traceback
+
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 300 else text[:297] + "..."
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}{': ' + text if text else ''}{where}"
 
 
 def missing_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -247,7 +247,7 @@ def ppo_step(run: Run, step: int) -> dict[str, Any]:
 
     # 2. Score: sequence reward (+ missing-EOS penalty), then the per-token KL penalty.
     with bf16_autocast(run):
-        roll.scores = score(run, roll, prompts)
+        roll.scores = score(run, roll, prompts, step)
     kl = reference_kl(run, roll) * roll.mask
     rewards = per_token_rewards(roll.scores, kl, roll.mask, run.kl_ctl.value)
     if spec.whiten_rewards:
@@ -344,12 +344,16 @@ def _values(critic: Any, mb: Rollout) -> torch.Tensor:
     return values[:, -mb.response.shape[1] - 1:-1]
 
 
-def score(run: Run, roll: Rollout, prompts: list[Prompt]) -> torch.Tensor:
-    """Sequence scores (b,), with the missing-EOS penalty applied when configured."""
+def score(run: Run, roll: Rollout, prompts: list[Prompt], step: int) -> torch.Tensor:
+    """Sequence scores (b,), with the missing-EOS penalty applied when configured; a reward that
+    fails says at which (1-based) PPO step, chained to the user's exception if there is one."""
     models = run.models
     reward = models.reward
     with visiting(reward.model if isinstance(reward, ModelReward) else None, run.accelerator.device):
-        scores = sequence_scores(reward, roll, prompts, models.tokenizer, models.stops, models.template is not None)
+        try:
+            scores = sequence_scores(reward, roll, prompts, models.tokenizer, models.stops, models.template is not None)
+        except SoupkitError as exc:
+            raise SoupkitError(f"PPO step {step + 1}: {exc}") from exc.__cause__
     if run.spec.missing_eos_penalty is not None:
         scores = missing_eos_penalty(scores, ended(roll.response, roll.mask, models.stops),
                                      run.spec.missing_eos_penalty)
