@@ -34,7 +34,10 @@ def options(
                                         help="On an error, also print its traceback (yours too, from a reward function).")] = False,
 ) -> None:
     """Model soups for LLMs, soup diagnostics, and PPO against any reference (SALSA)."""
+    from soupkit.launch import quiet_deepspeed_detection
+
     DEBUG["on"] = debug
+    quiet_deepspeed_detection()
 
 
 def user_errors(fn: F) -> F:
