@@ -121,7 +121,7 @@ class ModelReward:
 
 @torch.no_grad()
 def last_token_scores(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The scalar head at the last real token of each row ([N] detail 1). (b, s), (b, s) -> (b,)."""
+    """The scalar head at the last real token of each row (Huang et al. 2023, https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo). (b, s), (b, s) -> (b,)."""
     hidden = model.base_model(input_ids=ids, attention_mask=mask.long(),
                               position_ids=position_ids(mask)).last_hidden_state
     rows = torch.arange(ids.shape[0], device=ids.device)
@@ -228,5 +228,5 @@ def _described(exc: Exception) -> str:
 
 def missing_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:
     """Subtract ``penalty`` from rows that did not end with EOS (TRL's ``missing_eos_penalty``,
-    the [N] "EOS trick"). Shapes: (b,), (b,) -> (b,)."""
+    the "EOS trick" of Huang et al. 2023). Shapes: (b,), (b,) -> (b,)."""
     return scores - penalty * (~ended).float()
