@@ -214,6 +214,18 @@ def open_checkpoint(ref: str, *, allow_pickle: bool = False, what: str = "model"
     return _open_pickled(ref, model_dir, config, pickles)
 
 
+def tensor_headers(model_dir: Path) -> dict[str, TensorInfo]:
+    """Every tensor of a directory's safetensors weights (one file or sharded), from the headers
+    only; empty when it has none."""
+    files = _safetensors_files(model_dir)
+    return _read_all_headers(files, model_dir) if files else {}
+
+
+def has_pickle_weights(model_dir: Path) -> bool:
+    """Whether the directory holds ``pytorch_model*.bin`` weights (not opened)."""
+    return bool(_pickle_files(model_dir))
+
+
 def _safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():

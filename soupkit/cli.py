@@ -24,10 +24,25 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 F = TypeVar("F", bound=Callable[..., Any])
+DEBUG = {"on": False}
+"""``--debug`` / ``SOUPKIT_DEBUG=1`` for this invocation (set by ``options``, read by ``user_errors``)."""
+
+
+@app.callback()
+def options(
+    debug: Annotated[bool, typer.Option("--debug", envvar="SOUPKIT_DEBUG",
+                                        help="On an error, also print its traceback (yours too, from a reward function).")] = False,
+) -> None:
+    """Model soups for LLMs, soup diagnostics, and PPO against any reference (SALSA)."""
+    from soupkit.launch import quiet_deepspeed_detection
+
+    DEBUG["on"] = debug
+    quiet_deepspeed_detection()
 
 
 def user_errors(fn: F) -> F:
-    """Print a ``SoupkitError`` as one line on stderr and exit with code 2 (no traceback); a run
+    """Print a ``SoupkitError`` as one line on stderr and exit with code 2 (no traceback; with
+    ``--debug`` the traceback, with the exception it was raised from, comes first); a run
     stopped by a signal prints where it stopped and exits with 128 + the signal number."""
 
     @functools.wraps(fn)
@@ -35,6 +50,10 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except SoupkitError as exc:
+            if DEBUG["on"]:
+                import traceback
+
+                traceback.print_exception(exc, file=sys.stderr)
             _stderr().print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
             raise typer.Exit(2) from None
         except Stopped as exc:

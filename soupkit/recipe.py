@@ -1,8 +1,8 @@
 """Recipes: YAML files validated by pydantic models that forbid unknown keys.
 
 A recipe is data, never code: every section maps onto one library call (``merge:`` onto
-``soupkit.run_merge``). Misspelt keys are errors with a suggestion, not silently ignored (mergekit's
-configs ignore them; see research/merge_anchors.md §1.3).
+``soupkit.run_merge``). Misspelt keys are errors with a suggestion, not silently ignored (mergekit
+0.1.5's configs use pydantic's extra="ignore" and drop them).
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def _has_list(weight: Any) -> bool:
 class AlignSpec(Strict):
     """The ``align:`` section of a recipe: PPO against a frozen reference (``soupkit.rlhf.train``).
 
-    Defaults follow research/rlhf_anchors.md section 4 ([N] / [N+] / TRL 1.12's PPOConfig).
+    Defaults follow Huang et al. 2023 (https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo), Huang et al. 2024 (arXiv 2403.17031) and TRL 1.12's PPOConfig.
     """
 
     ref: list[str]
@@ -196,13 +196,13 @@ class AlignSpec(Strict):
     max_prompt_tokens: int = Field(256, ge=1)
     """Longer prompts keep their last tokens."""
     max_new_tokens: int = Field(53, ge=1)
-    """Largest response length ([N+] TL;DR setting)."""
+    """Largest response length (Huang et al. 2024's TL;DR setting)."""
     temperature: float = Field(0.7, gt=0)
-    """Sampling temperature; log-probs use logits divided by it too ([N] detail)."""
+    """Sampling temperature; log-probs use logits divided by it too (Huang et al. 2023)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling threshold (1 = off)."""
     learning_rate: float = Field(3e-6, gt=0)
-    """Policy learning rate (3e-6: [N+], TRL #5174)."""
+    """Policy learning rate (3e-6: Huang et al. 2024, TRL #5174)."""
     value_learning_rate: float | None = Field(None, gt=0)
     """Critic learning rate; default: learning_rate."""
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
@@ -210,7 +210,7 @@ class AlignSpec(Strict):
     warmup_steps: int = Field(0, ge=0)
     """Steps of linear warm-up before the schedule."""
     adam_eps: float = Field(1e-5, gt=0)
-    """Adam epsilon ([N]: 1e-5)."""
+    """Adam epsilon (Huang et al. 2023: 1e-5)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     kl_coef: float = Field(0.05, ge=0)

@@ -12,7 +12,7 @@ def build_tokenizer(words: Iterable[str]) -> Any:
     """A ``PreTrainedTokenizerFast`` over ``words``: pad 0, unk 1, bos 2, eos 3, then the words.
 
     Pad and EOS are distinct on purpose: PPO masks built from ``ids != pad`` would otherwise hide
-    real EOS tokens (research/rlhf_anchors.md §4, item 2). No BOS is added unless asked for.
+    real EOS tokens (Huang et al. 2023, https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo). No BOS is added unless asked for.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

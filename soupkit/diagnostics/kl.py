@@ -2,7 +2,7 @@
 
 Pure functions over log-probabilities (``b`` batch, ``t`` predicted positions, ``v`` vocabulary).
 These are exact sums over the vocabulary, for ``inspect``; the sampled per-token KL estimators
-used during PPO live in ``soupkit.rlhf`` (research/aesthetics.md, "diagnostics share code ...").
+used during PPO live in ``soupkit.rlhf``.
 Masks are True = valid.
 """
 

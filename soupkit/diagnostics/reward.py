@@ -26,15 +26,15 @@ SEED = 0
 def load_reward(spec: str) -> RewardFn:
     """A reward function from a model directory or ``module:function`` / ``file.py:function``
     (the loaders of ``soupkit.rlhf.reward``); fails fast on bad input."""
-    from soupkit.rlhf.reward import is_function_ref, load_reward_fn
+    from soupkit.rlhf.reward import is_function_ref, load_reward_fn, reward_model_dir
 
     if Path(spec).is_dir():
-        return _model_reward(Path(spec))
+        return _model_reward(reward_model_dir(spec))
     if is_function_ref(spec):
-        from soupkit.rlhf.reward import trl_completions
+        from soupkit.rlhf.reward import call_reward_fn, trl_completions
 
         fn = load_reward_fn(spec)
-        return lambda prompts, completions, chat: fn(prompts, trl_completions(prompts, completions))
+        return lambda prompts, completions, chat: call_reward_fn(fn, prompts, trl_completions(prompts, completions))
     raise SoupkitError(f"--reward {spec!r}: neither a reward-model directory nor module:function")
 
 

@@ -27,6 +27,7 @@ from soupkit.rlhf.reward import (
     completion_ids,
     is_function_ref,
     load_reward_fn,
+    reward_model_dir,
     sequence_scores,
 )
 from soupkit.rlhf.rollout import (
@@ -59,10 +60,9 @@ def load_scorer(reward: str, tokenizer: Any) -> Scorer:
     """A reward function (``module:function``), or a reward model directory scored as in training."""
     if is_function_ref(reward):
         return load_reward_fn(reward)
-    from soupkit.checkpoint import resolve_model_dir
     from soupkit.rlhf.models import reward_model
 
-    return reward_model(resolve_model_dir(reward, "reward model"), tokenizer, "cpu")
+    return reward_model(reward_model_dir(reward), tokenizer, "cpu")
 
 
 def sample(policy: Any, tok: Any, texts: Sequence[str], how: Sampling, stops: list[int]) -> list[Rollout]:

@@ -1,7 +1,7 @@
 """Statistics for comparing aligned policies: bootstrap intervals, win rates, KL-matched frontiers.
 
 The SALSA paper reports single runs without intervals and compares methods at each method's own
-best KL coefficient (research/salsa.md §6, reviewer points 3-4). These functions give the missing
+best KL coefficient (both criticised in its ICLR 2025 reviews, openreview.net/forum?id=AN6PIiObp0). These functions give the missing
 pieces: percentile-bootstrap 95% intervals (Efron & Tibshirani 1993), resampling seeds and then
 prompts when several seeds exist (a two-level bootstrap, so seed-to-seed variance is counted), win
 rates with ties as half a win, and reward compared at matched KL along each method's frontier.

@@ -3,7 +3,7 @@
 The recipe is translated into a mergekit configuration and run with mergekit's own ``run_merge``.
 Validation stays soupkit's: unknown parameters, missing required ones and input-count rules are
 checked against mergekit's method registry *before* mergekit runs, because mergekit silently drops
-misspelt parameters (``densty: 0.5`` runs TIES with density 1.0; research/merge_anchors.md §1.3).
+misspelt parameters (``densty: 0.5`` runs TIES with density 1.0: mergekit 0.1.5's configs ignore unknown keys).
 
 Semantics differ from soupkit's native methods in one place: mergekit puts the LM head and final
 norm at t = 0 of a list ("gradient") parameter, soupkit's ``layerwise`` at t = 1.

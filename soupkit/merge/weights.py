@@ -1,6 +1,6 @@
 """Per-tensor merge weights: depth interpolation, name filters and normalisation.
 
-Semantics (DESIGN.md, "Recipe merge: section"):
+Semantics (README, "Recipe merge: section"):
 - a list weight ``[w_0 .. w_{K-1}]`` is piecewise-linear over depth t in [0, 1], point k at k/(K-1);
   layer i of L sits at t = i/(L-1); the input embeddings at t = 0; every other tensor outside the
   layers (final norm, LM head) at t = 1. A tied embedding is one tensor and takes t = 0. (mergekit

@@ -23,7 +23,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Scale valid entries to unit variance (and zero mean when ``shift_mean``); invalid ones -> 0.
 
-    ``shift_mean=False`` is how [N]/[N+] whiten rewards: only the scale changes, so a reward's sign
+    ``shift_mean=False`` is how Huang et al. 2023 (https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo) and 2024 (arXiv 2403.17031) whiten rewards: only the scale changes, so a reward's sign
     (and the KL penalty's direction) is kept. Shapes: (b, t), (b, t) -> (b, t).
     """
     return whiten_with(x, mask, masked_mean(x, mask), masked_var(x, mask), shift_mean, eps)
@@ -48,7 +48,7 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
 def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """``r_t = -kl_coef * KL_t`` on every valid token, plus the sequence score on the last one.
 
-    The score sits on the last real (EOS) token as in the [N+] reference code, not one token
+    The score sits on the last real (EOS) token as in Huang et al. 2024's reference code (github.com/vwxyzjn/summarize_from_feedback_details), not one token
     later as in TRL's PPO (issue #3750). Shapes: (b,), (b, t), (b, t) -> (b, t).
     """
     rewards = -kl_coef * kl * mask

@@ -50,7 +50,7 @@ def parse_watch(items: Iterable[str]) -> dict[str, str]:
 def lr_factor(spec: AlignSpec, step: int) -> float:
     """Multiplier of the learning rate after ``step`` PPO steps: warm-up, then the schedule.
 
-    [N]/[N+] anneal the learning rate linearly to 0 over training.
+    Huang et al. 2023 (https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo) and 2024 (arXiv 2403.17031) anneal the learning rate linearly to 0 over training.
     """
     if step < spec.warmup_steps:
         return (step + 1) / (spec.warmup_steps + 1)

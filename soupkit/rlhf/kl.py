@@ -40,7 +40,7 @@ ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 class FixedKL:
-    """A constant KL coefficient (beta), as in [N+] and TRL's PPO (0.05)."""
+    """A constant KL coefficient (beta), as in Huang et al. 2024 (arXiv 2403.17031) and TRL's PPO (0.05)."""
 
     def __init__(self, value: float):
         self.value = value

@@ -38,7 +38,7 @@ def value_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped value loss ``0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)``.
 
-    The value clip is from OpenAI baselines' ppo2, kept by [N]/[N+]. Stats: ``value_clipfrac``.
+    The value clip is from OpenAI baselines' ppo2, kept by Huang et al. 2023 (https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo) and 2024 (arXiv 2403.17031). Stats: ``value_clipfrac``.
     Shapes: (b, t) x4 -> ().
     """
     clipped_values = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)

@@ -3,7 +3,7 @@
 ``preflight`` reads only configs, prompt files and the reward function, so bad input fails in
 well under a second, before any weights load. ``load_models`` then builds the policy (trainable),
 the critic (trainable, a separate value model), and the frozen reference(s), reward model and
-watch models, all in eval mode so dropout is off ([N] detail 3).
+watch models, all in eval mode so dropout is off (Huang et al. 2023, https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo).
 
 Memory modes (``AlignSpec``): a LoRA policy whose reference, when it is the policy's start, is the
 same weights with the adapter disabled; frozen models in bf16 and/or parked on the CPU between
@@ -27,7 +27,13 @@ from soupkit.errors import SoupkitError
 from soupkit.formats import Prompt
 from soupkit.recipe import AlignSpec
 from soupkit.rlhf.prompts import load_prompts
-from soupkit.rlhf.reward import ModelReward, RewardFn, is_function_ref, load_reward_fn
+from soupkit.rlhf.reward import (
+    ModelReward,
+    RewardFn,
+    is_function_ref,
+    load_reward_fn,
+    reward_model_dir,
+)
 from soupkit.rlhf.sharding import full_weights, zero3_loading
 
 
@@ -59,8 +65,7 @@ def preflight(spec: AlignSpec) -> Sources:
     if is_function_ref(spec.reward):
         sources.reward_fn = load_reward_fn(spec.reward)
     else:
-        sources.reward_dir = resolve_model_dir(spec.reward, "reward model")
-        read_config(sources.reward_dir)
+        sources.reward_dir = reward_model_dir(spec.reward)
     return sources
 
 
@@ -162,7 +167,7 @@ def with_lora(base: Any, spec: AlignSpec, adapter_dir: Path | None = None) -> An
 
 class AdapterDisabled:
     """A LoRA policy read with its adapter switched off: the base weights, with no second copy
-    (TRL's PPO reference under PEFT, rlhf_anchors.md section 1.2). Called like a model."""
+    (TRL <= 1.12's PPOTrainer reference under PEFT). Called like a model."""
 
     training = False
 
@@ -333,8 +338,8 @@ def reward_model(path: Path, tokenizer: Any, device: Any, dtype: torch.dtype = t
 
 
 def _critic(spec: AlignSpec, sources: Sources, reward: Any, resume_dir: Path | None, device: Any) -> ValueModel:
-    """Value model from the checkpoint, else the reward model ([N+], rlhf_anchors.md §4 #6) when it
-    reads the policy's tokens, else the policy's backbone with a zero scalar head ([N])."""
+    """Value model from the checkpoint, else the reward model (Huang et al. 2024, arXiv 2403.17031) when it
+    reads the policy's tokens, else the policy's backbone with a zero scalar head (Huang et al. 2023)."""
     if resume_dir is not None:
         return ValueModel(_seq_cls(resume_dir / "critic", spec.trust_remote_code, device))
     if isinstance(reward, ModelReward) and reward.tokenizer is None:

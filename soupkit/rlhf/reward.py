@@ -70,6 +70,43 @@ def _import_module(target: str, reward: str) -> Any:
         raise SoupkitError(f"reward {reward!r}: cannot import {target!r}: {type(exc).__name__}: {exc}") from None
 
 
+GET_A_REWARD_MODEL = ("a reward model must be a sequence classifier (one label) whose score head was saved: "
+                      "train one with the reward_model: stage of `soupkit run`, or pass a reward function "
+                      "as module:function")
+
+
+def reward_model_dir(ref: str) -> Path:
+    """The directory of reward model ``ref``, checked from its files alone (config and safetensors
+    headers, no weights loaded) to hold a saved one-output ``score`` head. transformers would give a
+    causal LM a randomly initialised head without an error, and PPO would optimise noise."""
+    from soupkit.checkpoint import resolve_model_dir
+
+    path = resolve_model_dir(ref, "reward model")
+    problem = _head_problem(path)
+    if problem:
+        raise SoupkitError(f"reward model {ref}: {problem}; {GET_A_REWARD_MODEL}")
+    return path
+
+
+def _head_problem(path: Path) -> str | None:
+    """Why ``path`` is not a usable reward model, or None. The head is ``score`` as in transformers'
+    ``*ForSequenceClassification`` decoders (Llama, Mistral, Qwen, Gemma), which soupkit reads."""
+    from soupkit.checkpoint import has_pickle_weights, read_config, tensor_headers
+
+    archs = read_config(path).get("architectures") or []
+    tensors = tensor_headers(path)
+    heads = [t for name, t in tensors.items() if name.split(".")[-2:] == ["score", "weight"]]
+    if heads:
+        return None if heads[0].shape[0] == 1 else f"its score head has {heads[0].shape[0]} outputs, not 1"
+    classifier = any(str(a).endswith("ForSequenceClassification") for a in archs)
+    if not tensors and not has_pickle_weights(path):
+        return "no weights (*.safetensors or pytorch_model*.bin) in the directory"
+    if not tensors and classifier:
+        return None  # pickle weights cannot be read without loading them; the config is the evidence
+    kind = ", ".join(map(str, archs)) or "no architectures in config.json"
+    return f"no trained score head ({kind}; no score.weight in its weights)"
+
+
 @dataclass
 class ModelReward:
     """A sequence-classification reward model, with its tokenizer when it differs from the policy's."""
@@ -84,7 +121,7 @@ class ModelReward:
 
 @torch.no_grad()
 def last_token_scores(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The scalar head at the last real token of each row ([N] detail 1). (b, s), (b, s) -> (b,)."""
+    """The scalar head at the last real token of each row (Huang et al. 2023, https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo). (b, s), (b, s) -> (b,)."""
     hidden = model.base_model(input_ids=ids, attention_mask=mask.long(),
                               position_ids=position_ids(mask)).last_hidden_state
     rows = torch.arange(ids.shape[0], device=ids.device)
@@ -154,19 +191,42 @@ def function_scores(fn: RewardFn, prompts: list[Prompt], completions: list[str],
                     completion_ids: list[list[int]], device: Any) -> torch.Tensor:
     """Call a reward function (prompts and completions in TRL's convention) and check it returned
     one finite float per completion. (b,)."""
-    out = fn(prompts, trl_completions(prompts, completions), completion_ids=completion_ids)
+    values = call_reward_fn(fn, prompts, trl_completions(prompts, completions), completion_ids=completion_ids)
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def call_reward_fn(fn: RewardFn, prompts: list[Any], completions: list[Any], **kw: Any) -> list[float]:
+    """``fn(prompts, completions, **kw)`` as one finite float per completion. What the user's code
+    raises becomes a ``SoupkitError`` naming the function, chained to it (``--debug`` prints it)."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    try:
+        out = fn(prompts, completions, **kw)
+    except Exception as exc:  # noqa: BLE001 - the user's code failed; say so in one line
+        raise SoupkitError(f"reward function {name} raised {_described(exc)} "
+                           "(`soupkit --debug ...` or SOUPKIT_DEBUG=1 prints its traceback)") from exc
     try:
         values = [float(v) for v in out]
-    except (TypeError, ValueError):
-        raise SoupkitError(f"reward function returned {type(out).__name__}; expected a list of floats") from None
+    except Exception:  # noqa: BLE001 - not a sequence of numbers
+        raise SoupkitError(f"reward function {name} returned {type(out).__name__}; expected a list of floats") from None
     if len(values) != len(completions):
-        raise SoupkitError(f"reward function returned {len(values)} scores for {len(completions)} completions")
+        raise SoupkitError(f"reward function {name} returned {len(values)} scores for {len(completions)} completions")
     if not all(math.isfinite(v) for v in values):
-        raise SoupkitError("reward function returned a NaN or infinite score")
-    return torch.tensor(values, dtype=torch.float32, device=device)
+        raise SoupkitError(f"reward function {name} returned a NaN or infinite score")
+    return values
+
+
+def _described(exc: Exception) -> str:
+    """``Type: message (at file.py:line)`` on one line; the place is the innermost frame."""
+    import traceback
+
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 300 else text[:297] + "..."
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}{': ' + text if text else ''}{where}"
 
 
 def missing_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:
     """Subtract ``penalty`` from rows that did not end with EOS (TRL's ``missing_eos_penalty``,
-    the [N] "EOS trick"). Shapes: (b,), (b,) -> (b,)."""
+    the "EOS trick" of Huang et al. 2023). Shapes: (b,), (b,) -> (b,)."""
     return scores - penalty * (~ended).float()

@@ -2,9 +2,9 @@
 
 Layout of a batch: ``query`` (b, p) left-padded prompts, ``response`` (b, t) right-padded tokens.
 ``query_mask`` / ``response_mask`` are True on real tokens; a response ends at its first EOS
-(kept, and valid) and everything after it is padding ([N] "EOS trick", rlhf_anchors.md §4 #10).
+(kept, and valid) and everything after it is padding (the "EOS trick" of Huang et al. 2023, https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo).
 Forward passes use explicit ``position_ids = cumsum(mask) - 1`` so left padding does not shift
-positions ([N] detail; rlhf_anchors.md §4 #2).
+positions (Huang et al. 2023).
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def response_logits(model, rollout: Rollout, temperature: float) -> torch.Tensor
     """Temperature-scaled logits that predicted each response token. Shape: (b, t, v).
 
     Dividing by the sampling temperature makes these the distribution the tokens were drawn
-    from ([N]: without it the KL rises faster than it should).
+    from (Huang et al. 2023: without it the KL rises faster than it should).
     """
     mask = rollout.attention_mask
     t = rollout.response.shape[1]

@@ -184,7 +184,7 @@ def _accelerator(spec: AlignSpec) -> Any:
     kwargs: dict[str, Any] = {}
     if processes() > 1 and not torch.cuda.is_available():
         # Several processes without GPUs (torchrun): accelerate joins them (gloo) only when told
-        # ``cpu`` (environment-checks.md), but ``cpu`` switches DeepSpeed off, which wants gloo named.
+        # ``cpu`` (accelerate 1.15, checked on CPU-only machines), but ``cpu`` switches DeepSpeed off, which wants gloo named.
         kwargs = {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]} if deepspeed else {"cpu": True}
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         from accelerate.utils import GradientAccumulationPlugin
@@ -221,7 +221,7 @@ def _clear_previous_run(out: Path) -> None:
 
 
 def _optimizer(spec: AlignSpec, models: Models) -> torch.optim.Optimizer:
-    """AdamW with eps 1e-5 ([N]); the critic may have its own learning rate ([S], OpenRLHF)."""
+    """AdamW with eps 1e-5 (Huang et al. 2023, https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo); the critic may have its own learning rate (Zheng et al. 2023, arXiv 2307.04964; OpenRLHF)."""
     # Trainable only (a LoRA policy's frozen base takes no optimiser state); policy in group 0,
     # critic in group 1, which sharding._group_names relies on for DeepSpeed checkpoints.
     groups = [
@@ -247,13 +247,13 @@ def ppo_step(run: Run, step: int) -> dict[str, Any]:
 
     # 2. Score: sequence reward (+ missing-EOS penalty), then the per-token KL penalty.
     with bf16_autocast(run):
-        roll.scores = score(run, roll, prompts)
+        roll.scores = score(run, roll, prompts, step)
     kl = reference_kl(run, roll) * roll.mask
     rewards = per_token_rewards(roll.scores, kl, roll.mask, run.kl_ctl.value)
     if spec.whiten_rewards:
         rewards = whiten_global(run, rewards, roll.mask, shift_mean=False)
 
-    # 3. Advantages: GAE over the response, whitened over the global batch ([N], [N+]).
+    # 3. Advantages: GAE over the response, whitened over the global batch (Huang et al. 2023; 2024, arXiv 2403.17031).
     advantages, returns = gae(rewards, roll.values, roll.mask, spec.gamma, spec.gae_lambda)
     if spec.whiten_advantages:
         advantages = whiten_global(run, advantages, roll.mask)
@@ -344,12 +344,16 @@ def _values(critic: Any, mb: Rollout) -> torch.Tensor:
     return values[:, -mb.response.shape[1] - 1:-1]
 
 
-def score(run: Run, roll: Rollout, prompts: list[Prompt]) -> torch.Tensor:
-    """Sequence scores (b,), with the missing-EOS penalty applied when configured."""
+def score(run: Run, roll: Rollout, prompts: list[Prompt], step: int) -> torch.Tensor:
+    """Sequence scores (b,), with the missing-EOS penalty applied when configured; a reward that
+    fails says at which (1-based) PPO step, chained to the user's exception if there is one."""
     models = run.models
     reward = models.reward
     with visiting(reward.model if isinstance(reward, ModelReward) else None, run.accelerator.device):
-        scores = sequence_scores(reward, roll, prompts, models.tokenizer, models.stops, models.template is not None)
+        try:
+            scores = sequence_scores(reward, roll, prompts, models.tokenizer, models.stops, models.template is not None)
+        except SoupkitError as exc:
+            raise SoupkitError(f"PPO step {step + 1}: {exc}") from exc.__cause__
     if run.spec.missing_eos_penalty is not None:
         scores = missing_eos_penalty(scores, ended(roll.response, roll.mask, models.stops),
                                      run.spec.missing_eos_penalty)

@@ -23,3 +23,26 @@ def huge_from_third_call(prompts: list[str], completions: list[str], **kw) -> li
     """Finite scores so large that the value loss overflows to inf from the third step on."""
     CALLS[0] += 1
     return [3e38 if CALLS[0] >= 3 else 0.5 for _ in completions]
+
+
+def fails_at_second_call(prompts: list[str], completions: list[str], **kw) -> list[float]:
+    """Scores the first batch, then raises as a user's reward code might (a server gone away)."""
+    FAILS[0] += 1
+    if FAILS[0] >= 2:
+        raise ConnectionError("reward server\nunreachable")  # FAILS_LINE: the line the error names
+    return good_words(prompts, completions)
+
+
+FAILS = [0]
+
+
+def one_score(prompts: list[str], completions: list[str], **kw) -> list[float]:
+    return [1.0]
+
+
+def nan_scores(prompts: list[str], completions: list[str], **kw) -> list[float]:
+    return [float("nan")] * len(completions)
+
+
+def no_scores(prompts: list[str], completions: list[str], **kw) -> None:
+    return None

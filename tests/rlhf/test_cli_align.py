@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
+import os
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -63,3 +68,42 @@ def test_parse_watch_and_lr_schedule():
     assert [lr_factor(spec, s) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
     warm = spec.model_copy(update={"warmup_steps": 1, "lr_schedule": "constant"})
     assert [lr_factor(warm, s) for s in (0, 1, 9)] == [0.5, 1.0, 1.0]
+
+
+DS_WARNING = "Setting accelerator to CPU"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed extra")
+def test_no_deepspeed_cpu_warning_outside_a_deepspeed_launch(tmp_path, sft_a, prompts_txt):
+    """accelerate imports deepspeed (when installed) to unwrap the policy before saving, and
+    DeepSpeed then warns that it fell back to the CPU; soupkit drops that line, not DeepSpeed."""
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_DEEPSPEED"}
+    bare = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True, text=True, env=env)
+    if DS_WARNING not in bare.stdout + bare.stderr:
+        pytest.skip("deepspeed found an accelerator here, so it does not warn")
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "soupkit", "align", "--ref", str(sft_a),
+                          "--reward", good_words_ref(), "--prompts", str(prompts_txt), "--out", str(out),
+                          "--steps", "1", "--batch-size", "2", "--max-new-tokens", "2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (out / "final" / "model.safetensors").is_file()
+    assert "| deepspeed\n" in run.stderr  # -X importtime: deepspeed was imported during the run
+    assert DS_WARNING not in run.stdout + run.stderr
+
+
+def test_deepspeed_launch_keeps_deepspeeds_logging(monkeypatch):
+    from soupkit.launch import _not_cpu_fallback, quiet_deepspeed_detection
+
+    logger = logging.getLogger("DeepSpeed")
+    monkeypatch.setattr(logger, "filters", [])
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    quiet_deepspeed_detection()
+    assert logger.filters == []
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    quiet_deepspeed_detection()
+    quiet_deepspeed_detection()
+    assert logger.filters == [_not_cpu_fallback]
+    record = logging.LogRecord("DeepSpeed", logging.WARNING, "x.py", 1, "Other warning", None, None)
+    assert _not_cpu_fallback(record) and not _not_cpu_fallback(
+        logging.LogRecord("DeepSpeed", logging.WARNING, "x.py", 1, DS_WARNING + ". If you have GPU", None, None))

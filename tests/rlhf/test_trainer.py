@@ -75,7 +75,7 @@ def test_reward_model_and_critic_from_it(tmp_path, sft_a, reward_model, prompts_
     rows = metrics(out)
     assert all(torch.isfinite(torch.tensor(r["value_loss"])) for r in rows)
     assert rows[1]["kl_coef"] != rows[0]["kl_coef"]  # adaptive controller moved
-    # The critic was initialised from the reward model ([N+]): step-1's critic is one update away.
+    # The critic was initialised from the reward model (Huang et al. 2024): step-1's critic is one update away.
     rm = AutoModelForSequenceClassification.from_pretrained(reward_model).state_dict()
     critic = load_state(out / "checkpoints" / "step-1" / "critic")
     assert rm.keys() == critic.keys()
@@ -92,7 +92,7 @@ def test_reward_model_with_its_own_tokenizer_scores_the_text(tmp_path, sft_a, re
     sources = Sources(refs=[sft_a], init=sft_a, prompts=["the cat"], reward_dir=reward_model_own_tokenizer)
     models = load_models(spec, sources, "cpu")
     assert isinstance(models.reward, ModelReward) and models.reward.tokenizer is not None
-    # Dropout off everywhere ([N] detail 3): every model stays in eval mode, trained ones included.
+    # Dropout off everywhere (Huang et al. 2023): every model stays in eval mode, trained ones included.
     assert not any(m.training for m in (models.policy, models.critic, models.reward.model, *models.refs))
     # The critic cannot read the reward model's ids, so it starts from the policy with a zero head.
     assert all(p.abs().sum() == 0 for p in models.critic.seq_cls.score.parameters())
