@@ -60,6 +60,18 @@ def make_model(path: Path, arch: str = "llama", seed: int = 0, layers: int = 2,
     return path
 
 
+def read_only(directory: Path) -> None:
+    """A stand-in for ``soupkit.storage._probe`` on a read-only file system (root ignores chmod)."""
+    import errno
+
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(directory))
+
+
+def must_not_run(*args, **kwargs) -> None:
+    """Patched over a loader to prove a check refused the input before it."""
+    raise AssertionError("loaded before the check")
+
+
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory (sharded or not), read with safetensors."""
     from safetensors.torch import load_file

@@ -18,15 +18,11 @@ from soupkit import run_merge
 from soupkit.checkpoint import SUPPORT_FILES
 from soupkit.errors import SoupkitError
 from soupkit.storage import check_writable, human_bytes
-from tests.conftest import load_state
+from tests.conftest import load_state, must_not_run, read_only
 
 
 def _recipe(pair, out: Path) -> dict:
     return {"merge": {"method": "uniform", "models": [str(p) for p in pair], "output": str(out)}}
-
-
-def _read_only(directory: Path) -> None:
-    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(directory))
 
 
 def _soup_bytes(model: Path) -> int:
@@ -44,17 +40,13 @@ def test_human_bytes(n, text):
 
 def test_merge_into_a_too_small_filesystem_is_refused_with_both_sizes(tmp_path, llama_pair, monkeypatch):
     monkeypatch.setattr("soupkit.storage.free_bytes", lambda path: 1234)
-    monkeypatch.setattr("soupkit.merge.engine.write_soup", _must_not_run)
+    monkeypatch.setattr("soupkit.merge.engine.write_soup", must_not_run)
     out = tmp_path / "soup"
     with pytest.raises(SoupkitError) as caught:
         run_merge(_recipe(llama_pair, out))
     need = human_bytes(_soup_bytes(llama_pair[0]))
     assert f"the merge into {out} needs {need} but {tmp_path} has only 1.2 kB free" in str(caught.value)
     assert list(tmp_path.iterdir()) == []
-
-
-def _must_not_run(*args, **kwargs):
-    raise AssertionError("work started before the check")
 
 
 def test_planned_size_is_what_a_merge_writes(tmp_path, llama_pair):
@@ -92,8 +84,8 @@ def test_disk_full_mid_merge_is_one_line_and_the_old_output_is_kept(tmp_path, ll
 
 
 def test_read_only_output_is_refused_before_any_model_is_opened(tmp_path, llama_pair, monkeypatch):
-    monkeypatch.setattr("soupkit.storage._probe", _read_only)
-    monkeypatch.setattr("soupkit.merge.run.preflight", _must_not_run)
+    monkeypatch.setattr("soupkit.storage._probe", read_only)
+    monkeypatch.setattr("soupkit.merge.run.preflight", must_not_run)
     with pytest.raises(SoupkitError, match=rf"output {tmp_path}/ro/soup: cannot write in {tmp_path}(/ro)? \(Read-only file system\)"):
         run_merge(_recipe(llama_pair, tmp_path / "ro" / "soup"))
 
@@ -121,10 +113,10 @@ def test_soupkit_run_refuses_an_unwritable_later_output_before_the_first_stage(t
 
     def read_only_ro(directory):
         if Path(directory).name == "ro":
-            _read_only(directory)
+            read_only(directory)
 
     monkeypatch.setattr("soupkit.storage._probe", read_only_ro)
-    monkeypatch.setattr("soupkit.merge.run.preflight", _must_not_run)
+    monkeypatch.setattr("soupkit.merge.run.preflight", must_not_run)
     soup = tmp_path / "soup"
     recipe = {**_recipe(llama_pair, soup),
               "align": {"ref": str(soup), "reward": "rewards.py:score", "prompts": "p.txt", "output": str(tmp_path / "a")},

@@ -21,7 +21,7 @@ from soupkit.errors import SoupkitError
 from soupkit.rlhf import build_spec, train
 from soupkit.rlhf import checkpoints as ckpt
 from soupkit.storage import human_bytes
-from tests.conftest import load_state
+from tests.conftest import load_state, must_not_run, read_only
 from tests.rlhf.conftest import REWARDS
 from tests.rlhf.test_resume import _flags
 
@@ -147,14 +147,8 @@ def test_too_little_space_for_a_checkpoint_is_refused_before_the_first_step(tmp_
 
 
 def test_read_only_out_is_refused_before_models_load(tmp_path, sft_a, prompts_txt, monkeypatch):
-    def read_only(directory):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(directory))
-
-    def must_not_load(*args, **kwargs):
-        raise AssertionError("models loaded before the check")
-
     monkeypatch.setattr("soupkit.storage._probe", read_only)
-    monkeypatch.setattr("soupkit.rlhf.trainer.preflight", must_not_load)
+    monkeypatch.setattr("soupkit.rlhf.trainer.preflight", must_not_run)
     with pytest.raises(SoupkitError, match=r"output .*run: cannot write in .* \(Read-only file system\)"):
         train(build_spec(None, _flags(sft_a, prompts_txt, f"{REWARDS}:good_words")), out=tmp_path / "run")
 

@@ -20,7 +20,7 @@ from soupkit.errors import SoupkitError
 from soupkit.pipeline import run_pipeline
 from soupkit.recipe import RewardModelSpec, SFTSpec
 from soupkit.train import resume, train_reward_model, train_sft
-from tests.conftest import load_state
+from tests.conftest import load_state, must_not_run, read_only
 from tests.train.test_trainers import PREFS, SFT_ROWS, _jsonl, base  # noqa: F401 - base is a fixture
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,14 +111,8 @@ def test_reward_model_disk_full_at_a_checkpoint_then_resume(tmp_path, base, monk
 
 
 def test_unwritable_output_is_refused_before_the_model_loads(tmp_path, base, monkeypatch):  # noqa: F811
-    def read_only(directory):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(directory))
-
-    def must_not_load(*args, **kwargs):
-        raise AssertionError("data or model loaded before the check")
-
     monkeypatch.setattr("soupkit.storage._probe", read_only)
-    monkeypatch.setattr("soupkit.train.trainers.read_examples", must_not_load)
+    monkeypatch.setattr("soupkit.train.trainers.read_examples", must_not_run)
     spec = SFTSpec(name="a", base=str(base), data=str(tmp_path / "x.jsonl"), output=str(tmp_path / "a"))
     with pytest.raises(SoupkitError, match=r"output .*a: cannot write in .* \(Read-only file system\)"):
         train_sft(spec)
