@@ -352,7 +352,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes everything.")] = Path("soupkit-demo"),
     force: Annotated[bool, typer.Option("--force", help="Start again from nothing.")] = False,
     small: Annotated[bool, typer.Option("--small", help="Reduced sizes and one seed (seconds).")] = False,
-    model: Annotated[str, typer.Option("--model", help="toy (a tiny world, the default) or smollm2 (SmolLM2-135M-Instruct, about 10 minutes).")] = "toy",
+    model: Annotated[str, typer.Option("--model", help="toy (a tiny world, the default) or smollm2 (SmolLM2-135M-Instruct, about 7 minutes).")] = "toy",
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: align.steps=10.")] = None,
 ) -> None:
     """The embedded default: the whole SALSA experiment at toy scale on a CPU (about a minute)."""

@@ -5,7 +5,7 @@ Writes the tiny world's data and a randomly initialised tiny Llama with its toke
 ``soupkit demo`` skips what is already complete and an interrupted one picks up where it stopped.
 ``soupkit demo --model smollm2`` runs ``salsa-smollm2.yaml`` instead: the same experiment on a real
 chat model (SmolLM2-135M-Instruct, ``soupkit.realmodel``) with the chat world's data
-(``soupkit.demo.chat_world``), in about 10 minutes on two cores.
+(``soupkit.demo.chat_world``), in about 7 minutes on two cores.
 """
 
 from __future__ import annotations
