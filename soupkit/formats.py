@@ -17,7 +17,9 @@ way everywhere, before anything is written.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from soupkit.errors import SoupkitError
@@ -190,7 +192,22 @@ def _with_prompt(prompt: Prompt | None, answer: str | Conversation, where: str) 
 # Whole datasets
 
 
-def normalise(rows: list[tuple[str, Any]], convert: Any) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, what: str = "data file") -> list[tuple[str, Any]]:
+    """``(where, record)`` for each non-blank line of a ``.jsonl`` file; ``where`` is ``path:line``."""
+    if not path.is_file():
+        raise SoupkitError(f"{what} {path} not found")
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path}:{number}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise SoupkitError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+    return out
+
+
+def normalise(rows: list[tuple[str, Any]], convert: Callable[[Any, str], dict[str, Any]]) -> list[dict[str, Any]]:
     """``convert(row, where)`` for every ``(where, row)``; all results must share one shape (the
     same fields, each a string or a conversation in every row), as a TRL dataset needs."""
     out, first = [], None

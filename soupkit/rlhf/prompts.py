@@ -7,12 +7,11 @@ continue where it stopped (the "data position" of a checkpoint).
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
 from soupkit.errors import SoupkitError
-from soupkit.formats import Prompt, prompt_of
+from soupkit.formats import Prompt, prompt_of, read_jsonl
 
 
 def load_prompts(source: str, field: str = "prompt", split: str = "train", text: bool = False) -> list[Prompt]:
@@ -22,7 +21,7 @@ def load_prompts(source: str, field: str = "prompt", split: str = "train", text:
     if path.suffix == ".txt":
         prompts: list[Prompt] = _read_txt(path)
     else:
-        rows = read_jsonl(path) if path.suffix == ".jsonl" else _read_dataset(source, split)
+        rows = read_jsonl(path, "prompts file") if path.suffix == ".jsonl" else _read_dataset(source, split)
         prompts = [prompt_of(row, where, field, text) for where, row in rows]
     if not prompts:
         raise SoupkitError(f"prompts {source}: no prompts found (the prompt set is empty)")
@@ -33,21 +32,6 @@ def _read_txt(path: Path) -> list[str]:
     if not path.is_file():
         raise SoupkitError(f"prompts file {path} not found")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_jsonl(path: Path) -> list[tuple[str, Any]]:
-    """``(where, record)`` for each non-blank line of a ``.jsonl`` file; ``where`` is ``path:line``."""
-    if not path.is_file():
-        raise SoupkitError(f"prompts file {path} not found")
-    out = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append((f"{path}:{number}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise SoupkitError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-    return out
 
 
 def _read_dataset(source: str, split: str) -> list[tuple[str, Any]]:

@@ -44,13 +44,11 @@ def read_examples(source: str, split: str, convert: Any, what: str) -> Any:
     a ``.jsonl`` file is read line by line, so errors name the line and rows may mix types."""
     import datasets
 
-    from soupkit.formats import normalise
+    from soupkit.formats import normalise, read_jsonl
 
     path = Path(source).expanduser()
     if path.suffix == ".jsonl":
-        from soupkit.rlhf.prompts import read_jsonl
-
-        rows = read_jsonl(path)
+        rows = read_jsonl(path, what)
     else:
         rows = [(f"{what} {source!r} row {n}", row) for n, row in enumerate(load_rows(source, split, what=what), 1)]
     if not rows:
