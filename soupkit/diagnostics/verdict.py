@@ -74,7 +74,7 @@ def _notes(report: dict[str, Any]) -> list[str]:
         for p in report["pairs"] if p.get("sign_conflict", 0.0) >= SIGN_CONFLICT_HIGH
     ]
     path = report.get("path", {})
-    if "loss" in path and 0.5 in path["alpha"]:
+    if "loss" in path and {0.0, 0.5, 1.0} <= set(path["alpha"]):  # e.g. --points 3 has no endpoints
         mid = path["loss"][path["alpha"].index(0.5)]
         best = min(path["loss"][path["alpha"].index(0.0)], path["loss"][path["alpha"].index(1.0)])
         word = "below" if mid < best else "above"

@@ -84,6 +84,8 @@ def test_verdict_from_barrier():
     got = verdict({"pairs": pairs, "path": path})
     assert got["answer"] == "no" and any("sign conflicts" in n for n in got["notes"])
     assert verdict({"pairs": pairs})["answer"] == "likely"
+    three = {"a": "x", "b": "y", "alpha": [-0.5, 0.5, 1.5], "loss": [2.5, 2.1, 2.6]}  # --points 3: no 0 or 1, no barrier
+    assert not any("midpoint" in n for n in verdict({"pairs": pairs, "path": three})["notes"])
 
 
 def clean_error(result, pattern: str) -> None:
