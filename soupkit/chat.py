@@ -17,6 +17,7 @@ prompt being one user turn, so the policy answers instead of continuing the user
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,23 @@ def _generation_eos(model_dir: Path) -> list[int]:
     except (OSError, json.JSONDecodeError):
         return []
     return value if isinstance(value, list) else [value] if isinstance(value, int) else []
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A policy's tokenizer set up as in training, the template its prompts are rendered with
+    (None: plain text) and the tokens that end its turn."""
+
+    tokenizer: Any
+    template: str | None
+    stops: list[int]
+
+
+def policy_chat(model_dir: Path, setting: str, where: str, trust_remote_code: bool = False) -> Chat:
+    """The ``Chat`` of the policy in ``model_dir`` under the ``chat_template`` ``setting``:
+    training, evaluation and reports read prompts and responses through this one set-up."""
+    from soupkit.rlhf.models import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(model_dir), trust_remote_code)
+    template = use_template(tokenizer, setting, where)
+    return Chat(tokenizer, template, stop_ids(tokenizer, Path(model_dir)))

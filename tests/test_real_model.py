@@ -91,7 +91,7 @@ def test_sft_policy_answers_factual_questions(pipeline):
 
     root, _ = pipeline
     prompts = [r["prompt"] for r in chat_world.prompt_rows(chat_world.HELD_OUT)]
-    chat = policy_chat(root / "sft-a", "auto")
+    chat = policy_chat(root / "sft-a", "auto", "sft-a")
     parts = sample(load_lm(root / "sft-a", "sft"), chat.tokenizer, render(chat.tokenizer, prompts, chat.template, "p"),
                    Sampling(max_new_tokens=NEW_TOKENS, temperature=0.2, top_p=1.0, seed=0), chat.stops)
     answers = completions(parts, chat)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from soupkit.chat import render, stop_ids, use_template
+from soupkit.chat import Chat, policy_chat, render
 from soupkit.formats import Prompt, shown
 from soupkit.rlhf.reward import (
     ModelReward,
@@ -102,24 +102,6 @@ def scores(scorer: Scorer, parts: list[Rollout], prompts: Sequence[Prompt], chat
     return torch.cat(out).numpy().astype(float)
 
 
-@dataclass(frozen=True)
-class Chat:
-    """A policy's tokenizer with the template its prompts are rendered with and its stop tokens."""
-
-    tokenizer: Any
-    template: str | None
-    stops: list[int]
-
-
-def policy_chat(policy_dir: Path, setting: str) -> Chat:
-    """The tokenizer of ``policy_dir`` set up as in training, with its chat template and stops."""
-    from soupkit.rlhf.models import load_tokenizer
-
-    tok = load_tokenizer(policy_dir, trust_remote_code=False)
-    template = use_template(tok, setting, f"policy {policy_dir}")
-    return Chat(tok, template, stop_ids(tok, policy_dir))
-
-
 def completions(parts: list[Rollout], chat: Chat) -> list[str]:
     """Every completion as text: no special tokens, no end-of-turn token."""
     return [text for p in parts for text in chat.tokenizer.batch_decode(completion_ids(p, chat.stops),
@@ -133,7 +115,7 @@ def measure(policy_dir: Path, prompts: Sequence[Prompt], how: Sampling, reward: 
     and the first few ``examples``."""
     from soupkit.diagnostics.texts import load_lm
 
-    chat = policy_chat(policy_dir, how.chat_template)
+    chat = policy_chat(policy_dir, how.chat_template, f"policy {policy_dir}")
     policy = load_lm(policy_dir, "policy")
     parts = sample(policy, chat.tokenizer, render(chat.tokenizer, prompts, chat.template, "eval prompts"), how,
                    chat.stops)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from soupkit.chat import own_template, render, stop_ids, use_template
+from soupkit.chat import own_template, policy_chat, render
 from soupkit.checkpoint import read_config, resolve_model_dir
 from soupkit.errors import SoupkitError
 from soupkit.formats import Prompt
@@ -115,9 +115,9 @@ class ValueModel(torch.nn.Module):
 def load_models(spec: AlignSpec, sources: Sources, device: Any, resume_dir: Path | None = None) -> Models:
     """Load every model; from ``resume_dir`` (a checkpoint) for policy and critic. Trained models
     go to ``device``; frozen ones too, or to the CPU with ``offload_frozen``."""
-    tokenizer = load_tokenizer(sources.init, spec.trust_remote_code)
-    template = use_template(tokenizer, spec.chat_template, f"policy init {sources.init}")
-    texts = render(tokenizer, sources.prompts, template, f"prompts {spec.prompts}")
+    chat = policy_chat(sources.init, spec.chat_template, f"policy init {sources.init}", spec.trust_remote_code)
+    tokenizer = chat.tokenizer
+    texts = render(tokenizer, sources.prompts, chat.template, f"prompts {spec.prompts}")
     check_prompts(tokenizer, texts)
     for path in sources.refs + list(sources.watch.values()):
         check_same_vocab(tokenizer, path, spec.trust_remote_code)
@@ -138,7 +138,7 @@ def load_models(spec: AlignSpec, sources: Sources, device: Any, resume_dir: Path
     if spec.gradient_checkpointing:
         checkpoint_layers(policy)
         checkpoint_layers(critic.seq_cls)
-    return Models(policy, critic, refs, tokenizer, reward, watch, texts, template, stop_ids(tokenizer, sources.init))
+    return Models(policy, critic, refs, tokenizer, reward, watch, texts, chat.template, chat.stops)
 
 
 def frozen_dtype(spec: AlignSpec) -> torch.dtype:

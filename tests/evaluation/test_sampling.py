@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from soupkit.evaluation.sampling import Chat, Sampling, load_scorer, sample, scores, sequence_kl
+from soupkit.chat import Chat
+from soupkit.evaluation.sampling import Sampling, load_scorer, sample, scores, sequence_kl
 from tests.conftest import make_model
 
 
