@@ -65,16 +65,10 @@ def _model_scores(model: Any, tok: Any, prompts: list[Prompt], completions: list
 
 def score_last_token(model: Any, tok: Any, texts: list[str]) -> list[float]:
     """Reward-model scores (b,) read at each text's last real token (right padding, own mask)."""
-    import torch
-
-    from soupkit.rlhf.reward import last_token_scores
+    from soupkit.rlhf.reward import last_token_scores, right_padded
 
     ids = [tok(t)["input_ids"] or [tok.eos_token_id or 0] for t in texts]
-    width = max(map(len, ids))
-    input_ids = torch.full((len(ids), width), tok.pad_token_id or 0, dtype=torch.long)
-    mask = torch.zeros_like(input_ids, dtype=torch.bool)
-    for i, row in enumerate(ids):
-        input_ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), True
+    input_ids, mask = right_padded(ids, tok.pad_token_id or 0)
     return last_token_scores(model, input_ids, mask).tolist()
 
 

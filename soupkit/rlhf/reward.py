@@ -171,14 +171,14 @@ def sequence_scores(reward: ModelReward | RewardFn, roll: Rollout, prompts: list
     """Scores (b,) of a rollout. A reward model reads its token ids, or the decoded text when its
     tokenizer differs, or (``chat`` prompts and a reward model with a chat template) the whole
     conversation; a reward function gets the prompts and decoded completions in TRL's convention."""
+    if isinstance(reward, ModelReward) and not (chat and reward.chat_tokenizer is not None):
+        texts = lambda: [tok.decode(roll.sequences[i][roll.attention_mask[i]], skip_special_tokens=True)  # noqa: E731
+                         for i in range(len(prompts))]
+        return model_scores(reward, roll, texts)  # the rollout's own ids: nothing to decode
     ids = completion_ids(roll, stops)
     completions = tok.batch_decode(ids, skip_special_tokens=True)
     if isinstance(reward, ModelReward):
-        if chat and reward.chat_tokenizer is not None:
-            return conversation_scores(reward, prompts, completions, roll.query.device)
-        texts = lambda: [tok.decode(roll.sequences[i][roll.attention_mask[i]], skip_special_tokens=True)  # noqa: E731
-                         for i in range(len(prompts))]
-        return model_scores(reward, roll, texts)
+        return conversation_scores(reward, prompts, completions, roll.query.device)
     return function_scores(reward, prompts, completions, ids, roll.query.device)
 
 
