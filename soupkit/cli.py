@@ -147,7 +147,8 @@ def align(
     watch: Annotated[list[str] | None, typer.Option("--watch", help="Also log kl_NAME against model PATH: NAME=PATH.")] = None,
     save_every: Annotated[int | None, typer.Option("--save-every", help="Checkpoint every N steps (0 = never).")] = None,
     lora_rank: Annotated[int | None, typer.Option("--lora-rank", help="Train a LoRA adapter of this rank (0 = full).")] = None,
-    bf16: Annotated[bool, typer.Option("--bf16", help="Frozen models in bf16, forwards under bf16 autocast.")] = False,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="Frozen models in bf16, forwards under bf16 "
+                    "autocast (default: where the hardware has native bf16).")] = None,
     offload_frozen: Annotated[bool, typer.Option("--offload-frozen", help="Keep ref/reward/watch models on the CPU between passes.")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in backward.")] = False,
     chat_template: Annotated[str | None, typer.Option("--chat-template", help=CHAT_HELP)] = None,
@@ -167,15 +168,19 @@ def align(
                  max_new_tokens=max_new_tokens, learning_rate=learning_rate, kl_coef=kl_coef,
                  ppo_epochs=ppo_epochs, minibatches=minibatches, seed=seed, save_every=save_every,
                  watch=parse_watch(watch or []), output=str(out) if out else None, lora_rank=lora_rank,
-                 bf16=bf16 or None, offload_frozen=offload_frozen or None,
+                 bf16=bf16, offload_frozen=offload_frozen or None,
                  gradient_checkpointing=gradient_checkpointing or None, chat_template=chat_template)
     spec = build_spec(recipe, flags, set_ or [])
     bar = _steps_progress()  # started on the first step, so input errors print without a bar
-    task = bar.add_task("align", total=spec.steps, reward=float("nan"), kl=float("nan"))
+    task = bar.add_task("align", total=spec.steps, reward=float("nan"), kl=float("nan"), slowest="")
 
     def progress(done: int, total: int, metrics: dict[str, Any]) -> None:
+        from soupkit.rlhf.timing import slowest
+
+        stage = slowest(metrics)
         bar.start()
-        bar.update(task, completed=done, total=total, reward=metrics["reward"], kl=metrics["kl"])
+        bar.update(task, completed=done, total=total, reward=metrics["reward"], kl=metrics["kl"],
+                   slowest=f"  {metrics['seconds']:.1f} s/step, {stage[0]} {stage[1]:.0%}" if stage else "")
 
     try:
         final = train(spec, resume=resume, force=force, progress=progress)
@@ -203,7 +208,7 @@ def _steps_progress() -> Any:
     )
 
     return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                    "reward {task.fields[reward]:.3f}  kl {task.fields[kl]:.3f}", TimeElapsedColumn(),
+                    "reward {task.fields[reward]:.3f}  kl {task.fields[kl]:.3f}{task.fields[slowest]}", TimeElapsedColumn(),
                     TimeRemainingColumn(), console=_stderr(), transient=False)
 
 

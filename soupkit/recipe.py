@@ -263,8 +263,10 @@ class AlignSpec(Strict):
     """LoRA scale numerator: the adapter's update is scaled by lora_alpha / lora_rank."""
     lora_target_modules: list[str] | str = "all-linear"
     """Modules that get LoRA adapters: a list of names, or peft's ``all-linear``."""
-    bf16: bool = False
-    """Frozen weights (refs, reward, watch, a LoRA base) in bfloat16, forwards under bf16 autocast; trained weights stay fp32."""
+    bf16: bool | Literal["auto"] = "auto"
+    """Frozen weights (refs, reward, watch, a LoRA base) in bfloat16, forwards under bf16 autocast; trained weights
+    and Adam states stay fp32. ``auto``: on where the hardware computes bf16 natively (a CUDA GPU with bf16, a CPU
+    with AVX512-BF16 or AMX), off elsewhere; ``false`` keeps every forward pass in fp32."""
     offload_frozen: bool = False
     """Keep ref, reward and watch models on the CPU, moved to the accelerator only for their forward passes."""
     gradient_checkpointing: bool = False

@@ -31,7 +31,7 @@ from soupkit.rlhf.reward import (
     sequence_scores,
 )
 from soupkit.rlhf.rollout import (
-    Rollout,
+    Samples,
     encode_prompts,
     ended,
     generate,
@@ -65,7 +65,7 @@ def load_scorer(reward: str, tokenizer: Any) -> Scorer:
     return reward_model(reward_model_dir(reward), tokenizer, "cpu")
 
 
-def sample(policy: Any, tok: Any, texts: Sequence[str], how: Sampling, stops: list[int]) -> list[Rollout]:
+def sample(policy: Any, tok: Any, texts: Sequence[str], how: Sampling, stops: list[int]) -> list[Samples]:
     """One completion per rendered prompt, in batches of ``BATCH``, cut at the end of turn."""
     torch.manual_seed(how.seed)
     parts = []
@@ -75,11 +75,11 @@ def sample(policy: Any, tok: Any, texts: Sequence[str], how: Sampling, stops: li
         raw = generate(policy, query, qmask, max_new_tokens=how.max_new_tokens, temperature=how.temperature,
                        top_p=how.top_p, stop_ids=stops, pad_id=tok.pad_token_id)
         response, mask = truncate_at_stop(raw, stops, tok.pad_token_id)
-        parts.append(Rollout(query, qmask, response, mask))
+        parts.append(Samples(query, qmask, response, mask))
     return parts
 
 
-def sequence_kl(policy: Any, ref: Any, parts: list[Rollout], temperature: float) -> np.ndarray:
+def sequence_kl(policy: Any, ref: Any, parts: list[Samples], temperature: float) -> np.ndarray:
     """Exact per-token KL(policy || ref) summed over each response. Shape: (n,)."""
     out = []
     with torch.no_grad():
@@ -91,7 +91,7 @@ def sequence_kl(policy: Any, ref: Any, parts: list[Rollout], temperature: float)
     return torch.cat(out).numpy()
 
 
-def scores(scorer: Scorer, parts: list[Rollout], prompts: Sequence[Prompt], chat: Chat) -> np.ndarray:
+def scores(scorer: Scorer, parts: list[Samples], prompts: Sequence[Prompt], chat: Chat) -> np.ndarray:
     """Sequence scores of every completion, as the trainer computes them. Shape: (n,)."""
     out, start = [], 0
     with torch.no_grad():
@@ -102,7 +102,7 @@ def scores(scorer: Scorer, parts: list[Rollout], prompts: Sequence[Prompt], chat
     return torch.cat(out).numpy().astype(float)
 
 
-def completions(parts: list[Rollout], chat: Chat) -> list[str]:
+def completions(parts: list[Samples], chat: Chat) -> list[str]:
     """Every completion as text: no special tokens, no end-of-turn token."""
     return [text for p in parts for text in chat.tokenizer.batch_decode(completion_ids(p, chat.stops),
                                                                         skip_special_tokens=True)]

@@ -65,3 +65,45 @@ def lr_factor(spec: AlignSpec, step: int) -> float:
 def micro_batch_size(spec: AlignSpec) -> int:
     """Sequences per forward/backward pass: batch / minibatches / grad_accum."""
     return spec.batch_size // (spec.minibatches * spec.grad_accum)
+
+
+def with_precision(spec: AlignSpec) -> AlignSpec:
+    """``spec`` with ``bf16: auto`` decided for this machine (``native_bf16``), so the run's
+    provenance, metrics and resume checks record what it did."""
+    if spec.bf16 != "auto":
+        return spec
+    import torch
+
+    return spec.model_copy(update={"bf16": native_bf16("cuda" if torch.cuda.is_available() else "cpu")})
+
+
+def native_bf16(device_type: str) -> bool:
+    """Whether ``device_type`` computes bfloat16 matrix products natively: a CUDA GPU that supports
+    bf16 (Ampere and later), or a CPU whose flags list AVX512-BF16, AMX-BF16 or (Arm) BF16 with
+    oneDNN built into torch. Elsewhere bf16 is emulated and slower than fp32.
+    ``SOUPKIT_NATIVE_BF16=0`` (or ``1``) overrides the check, e.g. where a container hides the CPU's flags."""
+    import os
+
+    import torch
+
+    if os.environ.get("SOUPKIT_NATIVE_BF16") in ("0", "1"):
+        return os.environ["SOUPKIT_NATIVE_BF16"] == "1"
+
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (``flags`` on x86, ``Features`` on Arm); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()

@@ -142,7 +142,8 @@ def load_models(spec: AlignSpec, sources: Sources, device: Any, resume_dir: Path
 
 
 def frozen_dtype(spec: AlignSpec) -> torch.dtype:
-    return torch.bfloat16 if spec.bf16 else torch.float32
+    """bf16 with ``bf16: true`` (``auto`` is decided before models load, ``config.with_precision``)."""
+    return torch.bfloat16 if spec.bf16 is True else torch.float32
 
 
 def _policy(spec: AlignSpec, sources: Sources, device: Any, resume_dir: Path | None) -> Any:

@@ -58,5 +58,6 @@ def batch_indices(n_prompts: int, batch_size: int, step: int, seed: int) -> list
 def _permutation(n: int, seed: int, epoch: int):
     import torch
 
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator)
+    from soupkit.rlhf.rng import keyed_generator
+
+    return torch.randperm(n, generator=keyed_generator(seed, epoch))

@@ -24,7 +24,7 @@ from soupkit.chat import render_conversation
 from soupkit.errors import SoupkitError
 from soupkit.formats import Conversation, Prompt, as_conversation
 from soupkit.rlhf.advantage import last_index
-from soupkit.rlhf.rollout import Rollout, position_ids
+from soupkit.rlhf.rollout import Samples, position_ids
 
 
 class RewardFn(Protocol):
@@ -128,7 +128,7 @@ def last_token_scores(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return model.score(hidden[rows, last_index(mask)]).squeeze(-1).float()
 
 
-def model_scores(reward: ModelReward, rollout: Rollout, texts: Callable[[], list[str]]) -> torch.Tensor:
+def model_scores(reward: ModelReward, rollout: Samples, texts: Callable[[], list[str]]) -> torch.Tensor:
     """Scores of the rollout's prompt + response; re-tokenised when the tokenizers differ. (b,)."""
     if reward.tokenizer is None:
         return last_token_scores(reward.model, rollout.sequences, rollout.attention_mask)
@@ -157,7 +157,7 @@ def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def completion_ids(roll: Rollout, stops: list[int]) -> list[list[int]]:
+def completion_ids(roll: Samples, stops: list[int]) -> list[list[int]]:
     """Each response's token ids without the token that ended the turn."""
     out = []
     for row, mask in zip(roll.response, roll.mask):
@@ -166,7 +166,7 @@ def completion_ids(roll: Rollout, stops: list[int]) -> list[list[int]]:
     return out
 
 
-def sequence_scores(reward: ModelReward | RewardFn, roll: Rollout, prompts: list[Prompt], tok: Any,
+def sequence_scores(reward: ModelReward | RewardFn, roll: Samples, prompts: list[Prompt], tok: Any,
                     stops: list[int], chat: bool = False) -> torch.Tensor:
     """Scores (b,) of a rollout. A reward model reads its token ids, or the decoded text when its
     tokenizer differs, or (``chat`` prompts and a reward model with a chat template) the whole

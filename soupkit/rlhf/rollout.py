@@ -9,29 +9,28 @@ positions (Huang et al. 2023).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields, replace
+from typing import Any, TypeVar
 
 import torch
 
+from soupkit.rlhf.rng import keyed_generator
 
-@dataclass
-class Rollout:
-    """One PPO batch, grouped by meaning (after OpenRLHF's ``Experience``).
+R = TypeVar("R", bound="Samples")
 
-    Shapes: ``query`` (b, p), ``response`` / ``mask`` / ``logprobs`` / ``ref_logprobs`` /
-    ``values`` (b, t), ``ref_logprobs`` (b, r, t) for r references, ``scores`` (b,). ``mask`` is True on valid response tokens.
-    """
+
+@dataclass(frozen=True)
+class Samples:
+    """Prompts and the responses sampled for them: the token layout every forward pass reads."""
 
     query: torch.Tensor
+    """(b, p) prompt ids, left-padded."""
     query_mask: torch.Tensor
+    """(b, p) bool, True on real prompt tokens."""
     response: torch.Tensor
+    """(b, t) response ids; after a row's first end-of-turn token, padding."""
     mask: torch.Tensor
-    logprobs: torch.Tensor | None = None
-    ref_logprobs: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    scores: torch.Tensor | None = None
-    entropy: torch.Tensor | None = None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    """(b, t) bool, True on valid response tokens (up to and including the end of turn)."""
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -43,11 +42,54 @@ class Rollout:
         """True on the real tokens of ``sequences``. Shape: (b, p + t)."""
         return torch.cat([self.query_mask, self.mask], dim=1)
 
-    def select(self, rows: torch.Tensor) -> Rollout:
-        """The rows ``rows`` of every tensor (a minibatch)."""
-        pick = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
-        pick["extra"] = {k: v[rows] for k, v in self.extra.items()}
-        return Rollout(**pick)
+    def select(self: R, rows: torch.Tensor) -> R:
+        """The same record for the rows ``rows`` of every tensor (a minibatch)."""
+        return replace(self, **{f.name: _rows(getattr(self, f.name), rows) for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class Rollout(Samples):
+    """One PPO batch as sampled and scored: every tensor the advantages and metrics are computed
+    from, filled at once (after torchtune's ``Trajectory`` and OpenRLHF's ``Experience``)."""
+
+    logprobs: torch.Tensor
+    """(b, t) the policy's log-probs of the response tokens at sampling time (temperature-scaled)."""
+    entropy: torch.Tensor
+    """(b, t) entropy of the policy's temperature-scaled next-token distribution."""
+    ref_logprobs: torch.Tensor
+    """(b, r, t) each of the r references' log-probs of the response tokens."""
+    values: torch.Tensor
+    """(b, t) the critic's value at each position that predicts a response token."""
+    scores: torch.Tensor
+    """(b,) the sequence reward, with the missing-EOS penalty applied when configured."""
+    watch_logprobs: dict[str, torch.Tensor]
+    """name -> (b, t) log-probs of each watch model, for the ``kl_<name>`` metrics."""
+
+
+@dataclass(frozen=True)
+class Trajectory(Samples):
+    """What one PPO optimisation pass reads per micro-batch: the samples, the log-probs and values
+    they were drawn and judged with, and their GAE targets."""
+
+    logprobs: torch.Tensor
+    """(b, t) the policy's log-probs at sampling time (the denominator of the PPO ratio)."""
+    values: torch.Tensor
+    """(b, t) the critic's values at sampling time (the centre of value clipping)."""
+    advantages: torch.Tensor
+    """(b, t) GAE advantages, whitened over the global batch when configured."""
+    returns: torch.Tensor
+    """(b, t) advantages + values: the critic's regression target."""
+
+
+def samples_of(record: Samples) -> dict[str, torch.Tensor]:
+    """The ``Samples`` fields of a record, to build a richer record on the same tokens."""
+    return {f.name: getattr(record, f.name) for f in fields(Samples)}
+
+
+def _rows(value: Any, rows: torch.Tensor) -> Any:
+    if isinstance(value, dict):
+        return {k: v[rows] for k, v in value.items()}
+    return value[rows]
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int):
@@ -100,7 +142,7 @@ def sample_by_uniform(logits: torch.Tensor, uniform: torch.Tensor, temperature: 
 def sampling_uniforms(seed: int, step: int, positions: list[int], n: int) -> torch.Tensor:
     """One U(0, 1) per (row, new token) from a generator keyed by (seed, step, global row), so a
     row's response does not depend on which process samples it or how many there are. (b, n)."""
-    rows = [torch.rand(n, generator=torch.Generator().manual_seed(hash((seed, step, p)) % 2**63)) for p in positions]
+    rows = [torch.rand(n, generator=keyed_generator(seed, step, p)) for p in positions]
     return torch.stack(rows) if rows else torch.zeros(0, n)
 
 
@@ -161,8 +203,8 @@ def truncate_at_stop(response: torch.Tensor, stop_ids: list[int], pad_id: int) -
     return response.masked_fill(~mask, pad_id), mask
 
 
-def response_logits(model, rollout: Rollout, temperature: float) -> torch.Tensor:
-    """Temperature-scaled logits that predicted each response token. Shape: (b, t, v).
+def response_logits(model, rollout: Samples, temperature: float) -> torch.Tensor:
+    """Temperature-scaled logits that predicted each response token. Shape: (b, t, v), fp32.
 
     Dividing by the sampling temperature makes these the distribution the tokens were drawn
     from (Huang et al. 2023: without it the KL rises faster than it should).
@@ -171,22 +213,38 @@ def response_logits(model, rollout: Rollout, temperature: float) -> torch.Tensor
     t = rollout.response.shape[1]
     out = model(input_ids=rollout.sequences, attention_mask=mask.long(),
                 position_ids=position_ids(mask), logits_to_keep=t + 1)
-    return out.logits[:, :-1].float() / temperature
+    return scaled_logits(out.logits[:, :-1], temperature)
+
+
+def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` in fp32 as the only fp32 copy: bf16 logits are cast once and fp32
+    ones divided in place (autograd allows it: the LM head's backward does not read its output).
+    Shapes: (b, t, v) -> (b, t, v)."""
+    return logits.float().div_(temperature)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """``log softmax(logits)[token]``. Shapes: (b, t, v), (b, t) -> (b, t)."""
+    """``log softmax(logits)[token]``, without a log-softmax copy of the logits. Shapes: (b, t, v), (b, t) -> (b, t)."""
     picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+ENTROPY_POSITIONS = 8
+"""Positions per slice in ``entropy``: its temporaries are this many positions of the logits, not all."""
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of ``softmax(logits)`` per position. Shapes: (b, t, v) -> (b, t)."""
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
+    """Entropy of ``softmax(logits)`` per position, ``H = logsumexp(x) - sum(softmax(x) x)``,
+    computed a few positions at a time so no full-size temporary is made. (b, t, v) -> (b, t)."""
+    parts = []
+    for part in logits.split(ENTROPY_POSITIONS, dim=1):
+        lse = torch.logsumexp(part, dim=-1, keepdim=True)
+        probs = (part - lse).exp_()
+        parts.append(lse.squeeze(-1) - (probs.mul_(part)).sum(dim=-1))
+    return torch.cat(parts, dim=1) if parts else logits.new_zeros(logits.shape[:2])
 
 
-def in_chunks(fn, rollout: Rollout, size: int) -> torch.Tensor:
+def in_chunks(fn, rollout: Samples, size: int) -> torch.Tensor:
     """``fn`` applied to row chunks of at most ``size`` and concatenated (no-grad passes)."""
     b = rollout.query.shape[0]
     parts = [fn(rollout.select(torch.arange(i, min(i + size, b)))) for i in range(0, b, size)]

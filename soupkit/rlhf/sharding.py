@@ -26,12 +26,10 @@ from soupkit.errors import SoupkitError
 
 
 def sharding(module: torch.nn.Module) -> str | None:
-    """``"fsdp2"``, ``"zero3"`` or None (whole weights on every process)."""
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    """``"fsdp2"``, ``"zero3"`` or None (whole weights on every process). FSDP version 1 never
+    gets here: ``launch.check_launch`` refuses it before any model loads."""
+    from torch.distributed.fsdp import FSDPModule
 
-    if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
-        raise SoupkitError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
-                           "(configs/accelerate/fsdp.yaml)")
     if any(isinstance(m, FSDPModule) for m in module.modules()):
         return "fsdp2"
     if any(hasattr(p, "ds_id") for p in module.parameters()):

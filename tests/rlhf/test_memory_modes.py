@@ -11,7 +11,7 @@ import torch
 from soupkit.rlhf import train
 from soupkit.rlhf.models import AdapterDisabled, Sources, checkpoint_layers, load_models, visiting
 from soupkit.rlhf.rollout import (
-    Rollout,
+    Samples,
     response_logits,
     sample_by_uniform,
     sampling_uniforms,
@@ -41,7 +41,7 @@ def _logprobs(model, sft_a) -> torch.Tensor:
 
     tok = AutoTokenizer.from_pretrained(sft_a)
     ids = torch.tensor([tok("the cat sat on the mat", add_special_tokens=False)["input_ids"]])
-    roll = Rollout(ids[:, :2], torch.ones_like(ids[:, :2], dtype=torch.bool), ids[:, 2:],
+    roll = Samples(ids[:, :2], torch.ones_like(ids[:, :2], dtype=torch.bool), ids[:, 2:],
                    torch.ones_like(ids[:, 2:], dtype=torch.bool))
     return token_logprobs(response_logits(model, roll, 1.0), roll.response)
 

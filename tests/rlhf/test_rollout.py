@@ -6,12 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from soupkit.rlhf.rollout import (
-    Rollout,
+    Samples,
     ended,
     entropy,
     generate,
     position_ids,
     response_logits,
+    scaled_logits,
     token_logprobs,
     top_p_filter,
     truncate_at_stop,
@@ -52,6 +53,33 @@ def test_logprobs_and_entropy_match_torch_functional():
     torch.testing.assert_close(entropy(logits), torch.distributions.Categorical(logits=logits).entropy())
 
 
+def test_entropy_in_slices_matches_the_whole_formula_on_a_long_response():
+    """More positions than one slice (ENTROPY_POSITIONS), a 49k vocabulary like SmolLM2's."""
+    torch.manual_seed(1)
+    logits = torch.randn(2, 19, 49152) * 3
+    exact = torch.distributions.Categorical(logits=logits.double()).entropy()  # float64 oracle
+    # fp32 sums over 49k terms: a few ulps of the ~10-nat result
+    torch.testing.assert_close(entropy(logits).double(), exact, rtol=1e-5, atol=1e-5)
+    assert entropy(logits[:, :0]).shape == (2, 0)
+
+
+def test_scaled_logits_make_one_fp32_copy_and_keep_gradients():
+    torch.manual_seed(2)
+    weight = torch.randn(7, 5, requires_grad=True)
+    hidden, tokens = torch.randn(2, 3, 5), torch.randint(0, 7, (2, 3))
+    fp32 = hidden @ weight.T
+    assert scaled_logits(fp32, 0.7).data_ptr() == fp32.data_ptr()  # divided in place: no copy
+    in_place = token_logprobs(scaled_logits(hidden @ weight.T, 0.7), tokens).sum()
+    (grad,) = torch.autograd.grad(in_place, weight)
+    oracle = torch.log_softmax((hidden @ weight.T) / 0.7, dim=-1).gather(-1, tokens[..., None]).sum()
+    (expected,) = torch.autograd.grad(oracle, weight)
+    torch.testing.assert_close(in_place, oracle)
+    torch.testing.assert_close(grad, expected)
+    bf16 = (hidden @ weight.T).bfloat16()
+    out = scaled_logits(bf16, 0.7)
+    assert out.dtype == torch.float32 and torch.equal(out, bf16.float() / 0.7)
+
+
 def test_position_ids_ignore_left_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
     assert position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
@@ -85,7 +113,7 @@ def test_teacher_forced_logprobs_match_a_plain_forward(sft_a):
     model = AutoModelForCausalLM.from_pretrained(sft_a).eval()
     _, ids, mask = _left_padded_batch()
     response = torch.tensor([[7, 8, 9], [10, 11, 0]])
-    roll = Rollout(ids, mask.bool(), response, torch.tensor([[True] * 3, [True, True, False]]))
+    roll = Samples(ids, mask.bool(), response, torch.tensor([[True] * 3, [True, True, False]]))
     with torch.no_grad():
         logprobs = token_logprobs(response_logits(model, roll, temperature=0.7), response)
         for i in range(2):
