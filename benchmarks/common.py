@@ -53,10 +53,10 @@ def rss_anon(pid: int) -> int:
         return 0
 
 
-def run_sampled(cmd: list[str], cwd: Path | None = None) -> tuple[float, int, str]:
+def run_sampled(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> tuple[float, int, str]:
     """Wall seconds, peak RssAnon (bytes, sampled every 5 ms) and stdout of a whole process."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     peak = 0
     while proc.poll() is None:
         peak = max(peak, rss_anon(proc.pid))
