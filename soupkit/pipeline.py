@@ -281,10 +281,10 @@ def run_eval(recipe: str | Path | Recipe, *, force: bool = False,
 
 
 def _run_eval(spec: Any, align: AlignSpec, force: bool, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
-    from soupkit.checkpoint import atomic_output_dir
     from soupkit.evaluation.report import RunResult, evaluate
     from soupkit.locking import check_not_being_written
     from soupkit.rlhf.prompts import load_prompts
+    from soupkit.storage import atomic_output_dir
 
     runs = [RunResult(name, seed, coef, path / "final", _sampling(spec, run_spec))
             for name, seed, coef, run_spec, path in expand_align(align)]

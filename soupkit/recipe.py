@@ -115,7 +115,7 @@ class MergeSpec(Strict):
     @field_validator("shard_size")
     @classmethod
     def _size(cls, value: str | int) -> str | int:
-        from soupkit.checkpoint import parse_size
+        from soupkit.shards import parse_size
 
         if parse_size(value) <= 0:
             raise ValueError("must be positive, e.g. 5GB")

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from soupkit.chat import checked_setting, render, use_template
-from soupkit.checkpoint import Checkpoint, check_output_free
 from soupkit.errors import SoupkitError
 from soupkit.formats import Prompt
 from soupkit.merge.preflight import (
@@ -25,6 +24,8 @@ from soupkit.merge.preflight import (
     check_same_vocabulary,
     open_ingredient,
 )
+from soupkit.modeldir import Checkpoint
+from soupkit.storage import check_output_free
 
 Progress = Callable[[str, int, int], None]
 PAIR_KEYS = ("l2", "relative_l2", "cosine", "task_norm_a", "task_norm_b", "task_cosine", "sign_conflict")

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from soupkit.checkpoint import STORAGE, Checkpoint, PlannedTensor, ShardedWriter, parse_size
 from soupkit.merge.preflight import MergePlan
+from soupkit.modeldir import STORAGE, Checkpoint
+from soupkit.shards import PlannedTensor, ShardedWriter, parse_size
 
 CHUNK = 1 << 20
 Progress = Callable[[int, int], None]
@@ -90,7 +91,7 @@ def output_dtype(plan: MergePlan, name: str) -> str:
     info = plan.models[0].tensors[name]
     if plan.spec.dtype is None or not info.is_float:
         return info.dtype
-    from soupkit.checkpoint import DTYPE_NAMES
+    from soupkit.modeldir import DTYPE_NAMES
 
     return DTYPE_NAMES[plan.spec.dtype]
 

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from soupkit.checkpoint import Checkpoint, TensorInfo, check_output_free, open_checkpoint
 from soupkit.errors import SoupkitError
 from soupkit.merge import weights as W
+from soupkit.modeldir import Checkpoint, TensorInfo, open_checkpoint
 from soupkit.recipe import NATIVE_METHODS, MergeSpec
+from soupkit.storage import check_output_free
 
 ARCH_KEYS = ("architectures", "model_type")
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")

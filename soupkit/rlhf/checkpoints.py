@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from soupkit.checkpoint import atomic_output_dir
+from soupkit.storage import atomic_output_dir
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from soupkit.chat import own_template, policy_chat, render
-from soupkit.checkpoint import read_config, resolve_model_dir
 from soupkit.errors import SoupkitError
 from soupkit.formats import Prompt
+from soupkit.modeldir import read_config, resolve_model_dir
 from soupkit.recipe import AlignSpec
 from soupkit.rlhf.prompts import load_prompts
 from soupkit.rlhf.reward import (

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from soupkit.checkpoint import atomic_output_dir, check_output_free, write_provenance
 from soupkit.errors import SoupkitError
 from soupkit.formats import Prompt
 from soupkit.launch import processes
 from soupkit.locking import check_not_being_written, writing
+from soupkit.provenance import write_provenance
 from soupkit.recipe import AlignSpec
 from soupkit.rlhf import checkpoints as ckpt
 from soupkit.rlhf.advantage import (
@@ -66,7 +66,13 @@ from soupkit.rlhf.sharding import (
     zero3_loading,
 )
 from soupkit.stopping import GracefulStop, Stopped
-from soupkit.storage import check_free_space, check_writable, write_errors
+from soupkit.storage import (
+    atomic_output_dir,
+    check_free_space,
+    check_output_free,
+    check_writable,
+    write_errors,
+)
 
 Progress = Callable[[int, int, dict[str, Any]], None]
 TRAINED = ("policy", "critic.seq_cls")
