@@ -79,7 +79,7 @@ class Checkpoint:
         """Flat zero-copy numpy view of tensor ``name`` in its storage dtype."""
         info = self.tensors[name]
         if self.pickled is not None:
-            return _torch_to_numpy(self.pickled[name])
+            return torch_to_numpy(self.pickled[name])
         mm = self._maps.get(info.file)
         if mm is None:
             with open(info.file, "rb") as f:
@@ -258,7 +258,7 @@ def _open_pickled(ref: str, model_dir: Path, config: dict, files: list[Path]) ->
 
     state: dict[str, Any] = {}
     tensors: dict[str, TensorInfo] = {}
-    codes = {v: k for k, v in _torch_dtype_codes().items()}
+    codes = {v: k for k, v in torch_dtype_codes().items()}
     for file in files:
         try:
             shard = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
@@ -272,7 +272,8 @@ def _open_pickled(ref: str, model_dir: Path, config: dict, files: list[Path]) ->
     return Checkpoint(ref, model_dir, config, tensors, pickled=state)
 
 
-def _torch_dtype_codes() -> dict[str, Any]:
+def torch_dtype_codes() -> dict[str, Any]:
+    """safetensors dtype code -> torch dtype."""
     import torch
 
     return {
@@ -282,7 +283,8 @@ def _torch_dtype_codes() -> dict[str, Any]:
     }
 
 
-def _torch_to_numpy(t: Any) -> np.ndarray:
+def torch_to_numpy(t: Any) -> np.ndarray:
+    """Flat numpy view of a CPU tensor in its storage dtype (bf16 as uint16, as in a file)."""
     import torch
 
     t = t.contiguous().reshape(-1)

@@ -139,13 +139,14 @@ def output_pass(inp: Inputs, pairs: list[dict[str, Any]], want_path: bool, point
                 progress: Progress | None) -> dict[str, Any] | None:
     """Output-space stats into ``pairs`` (in place); returns the path section if asked for."""
     from soupkit.diagnostics.outputs import output_stats
-    from soupkit.diagnostics.texts import encode, load_lm, load_tokenizer, pad_id
+    from soupkit.diagnostics.texts import encode, pad_id
+    from soupkit.loading import causal_lm, load_tokenizer
 
-    tok = load_tokenizer(inp.ckpts[inp.order[0]].path)
+    tok = load_tokenizer(inp.ckpts[inp.order[0]].path, "model")
     template = use_template(tok, inp.chat_template, f"model {inp.refs[inp.order[0]]}")
     texts = render(tok, inp.texts or [], template, "--prompts")
     ids = encode(tok, texts, special_tokens=template is None)  # a template writes its own special tokens
-    lms = {i: load_lm(inp.ckpts[i].path, f"model {i + 1}") for i in inp.order}
+    lms = {i: causal_lm(inp.ckpts[i].path, f"model {i + 1}") for i in inp.order}
     stats, _ = output_stats([lms[i] for i in inp.order], ids, pad_id(tok), progress)
     for pair, s in zip(pairs, stats):
         pair.update(s)
@@ -159,11 +160,12 @@ def path_pass(inp: Inputs, lms: dict[int, Any], tok: Any, ids: list[list[int]], 
     """Line between the first two ingredients; plane when there are exactly three."""
     from soupkit.diagnostics import path as P
     from soupkit.diagnostics.reward import mean_reward
-    from soupkit.diagnostics.texts import load_lm, pad_id
+    from soupkit.diagnostics.texts import pad_id
+    from soupkit.loading import causal_lm
 
     corners = inp.ingredients[:3]
     sources = [P.snapshot(lms[i]) for i in corners]
-    work = load_lm(inp.ckpts[corners[0]].path, "model")
+    work = causal_lm(inp.ckpts[corners[0]].path, "model")
     score = mean_reward(inp.reward, tok, inp.texts or [], texts, chat) if inp.reward else None
     out = {"a": inp.refs[corners[0]], "b": inp.refs[corners[1]],
            **P.line(work, sources[:2], ids, pad_id(tok), points, score, progress)}

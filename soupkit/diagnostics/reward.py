@@ -39,16 +39,9 @@ def load_reward(spec: str) -> RewardFn:
 
 
 def _model_reward(path: Path) -> RewardFn:
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from soupkit.loading import load_tokenizer, seq_cls
 
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except Exception as exc:  # noqa: BLE001 - an unloadable reward model is bad input
-        raise SoupkitError(f"--reward {path}: cannot load a sequence-classification model ({exc})") from None
-    if model.config.num_labels != 1 or not hasattr(model, "score"):
-        raise SoupkitError(f"--reward {path}: expected one label and a 'score' head")
+    model, tok = seq_cls(path, "--reward"), load_tokenizer(path, "--reward")
     return lambda prompts, completions, chat: _model_scores(model, tok, prompts, completions, chat)
 
 

@@ -113,10 +113,10 @@ def measure(policy_dir: Path, prompts: Sequence[Prompt], how: Sampling, reward: 
     """Every per-prompt number for one policy: ``reward``, ``gold``, ``kl_<ref>``, ``length``,
     ``ended`` (1 when the response ended its turn), ``nonempty`` (1 when the completion has text),
     and the first few ``examples``."""
-    from soupkit.diagnostics.texts import load_lm
+    from soupkit.loading import causal_lm
 
     chat = policy_chat(policy_dir, how.chat_template, f"policy {policy_dir}")
-    policy = load_lm(policy_dir, "policy")
+    policy = causal_lm(policy_dir, "policy")
     parts = sample(policy, chat.tokenizer, render(chat.tokenizer, prompts, chat.template, "eval prompts"), how,
                    chat.stops)
     rows: dict[str, Any] = {"reward": scores(reward, parts, prompts, chat),

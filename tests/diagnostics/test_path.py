@@ -7,7 +7,7 @@ import pytest
 from soupkit.diagnostics import path as P
 from soupkit.diagnostics import report
 from soupkit.diagnostics.reward import mean_reward, score_last_token
-from soupkit.diagnostics.texts import load_lm, load_tokenizer
+from soupkit.loading import causal_lm, load_tokenizer
 from tests.diagnostics.conftest import TEXTS
 from tests.diagnostics.oracles import own_loss
 
@@ -77,9 +77,9 @@ def test_reward_along_the_path_matches_each_model_at_the_endpoints(family, texts
     from tests.diagnostics.rewards import word_count
 
     spec = "tests.diagnostics.rewards:word_count"
-    tok = load_tokenizer(family["ft1"])
+    tok = load_tokenizer(family["ft1"], "model")
     plain = lambda prompts, completions, chat: word_count(prompts, completions)  # noqa: E731
-    own = [mean_reward(plain, tok, TEXTS, TEXTS, False)(load_lm(family[k], "m")) for k in ("ft1", "ft2")]
+    own = [mean_reward(plain, tok, TEXTS, TEXTS, False)(causal_lm(family[k], "m")) for k in ("ft1", "ft2")]
     line5 = report([str(family["ft1"]), str(family["ft2"])], prompts=texts_file, path=True,
                    reward=spec, points=5)["path"]
     assert [line5["reward"][1], line5["reward"][3]] == own
