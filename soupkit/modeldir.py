@@ -214,11 +214,20 @@ def has_pickle_weights(model_dir: Path) -> bool:
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
+    return _weight_files(model_dir, "model.safetensors")
+
+
+def _pickle_files(model_dir: Path) -> list[Path]:
+    return _weight_files(model_dir, "pytorch_model.bin")
+
+
+def _weight_files(model_dir: Path, single: str) -> list[Path]:
+    """The shards an index ``SINGLE.index.json`` lists, else the one file ``single``, else []."""
+    index = model_dir / f"{single}.index.json"
     if index.is_file():
         return _files_from_index(index)
-    single = model_dir / "model.safetensors"
-    return [single] if single.is_file() else []
+    path = model_dir / single
+    return [path] if path.is_file() else []
 
 
 def _files_from_index(index: Path) -> list[Path]:
@@ -243,14 +252,6 @@ def _read_all_headers(files: Sequence[Path], model_dir: Path) -> dict[str, Tenso
                 raise SoupkitError(f"{model_dir}: tensor {name!r} appears in two shards")
             tensors[name] = info
     return tensors
-
-
-def _pickle_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "pytorch_model.bin.index.json"
-    if index.is_file():
-        return _files_from_index(index)
-    single = model_dir / "pytorch_model.bin"
-    return [single] if single.is_file() else []
 
 
 def _open_pickled(ref: str, model_dir: Path, config: dict, files: list[Path]) -> Checkpoint:
