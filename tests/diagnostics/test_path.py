@@ -51,9 +51,18 @@ def test_path_endpoints_equal_each_models_own_loss(three):
 
 
 def test_path_midpoint_equals_the_uniform_soup(family, soup, texts_file, three):
-    """The in-memory midpoint is the fp32 soup that soupkit merge writes."""
+    """The in-memory midpoint is the fp32 soup that soupkit merge writes, bit for bit."""
+    import torch
+
+    from soupkit.loading import causal_lm
+    from tests.conftest import load_state
+
     _, line, _ = three
     assert line["loss"][4] == pytest.approx(own_loss(soup, TEXTS), rel=1e-6)
+    work = causal_lm(family["ft1"], "m")
+    P.mix_into(work, [P.snapshot(causal_lm(family[k], "m")) for k in ("ft1", "ft2")], (0.5, 0.5))
+    merged = load_state(soup)
+    assert all(torch.equal(p, merged[name]) for name, p in work.named_parameters())
 
 
 def test_plane_vertices_equal_each_models_own_loss(three):
