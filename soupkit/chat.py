@@ -158,8 +158,8 @@ class Chat:
 def policy_chat(model_dir: Path, setting: str, where: str, trust_remote_code: bool = False) -> Chat:
     """The ``Chat`` of the policy in ``model_dir`` under the ``chat_template`` ``setting``:
     training, evaluation and reports read prompts and responses through this one set-up."""
-    from soupkit.rlhf.models import load_tokenizer
+    from soupkit.loading import generation_tokenizer
 
-    tokenizer = load_tokenizer(Path(model_dir), trust_remote_code)
+    tokenizer = generation_tokenizer(Path(model_dir), "policy", trust_remote_code)
     template = use_template(tokenizer, setting, where)
     return Chat(tokenizer, template, stop_ids(tokenizer, Path(model_dir)))

@@ -1,6 +1,8 @@
-"""The command line: parse, call one library function, render with rich. No maths here.
+"""The command line, as a map: each command parses its flags, calls one library function and hands
+the result to ``soupkit.display``. No maths and no rendering here.
 
-Heavy libraries are imported inside the commands, so ``soupkit --help`` stays instant.
+``align``'s settings flags come from the ``AlignSpec`` schema (``soupkit.flags``). Heavy libraries
+are imported inside the commands, so ``soupkit --help`` stays instant.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from soupkit import display
 from soupkit.errors import SoupkitError
+from soupkit.flags import with_spec_flags
+from soupkit.recipe import AlignSpec
 from soupkit.stopping import Stopped
 
 app = typer.Typer(
@@ -54,7 +59,7 @@ def user_errors(fn: F) -> F:
                 import traceback
 
                 traceback.print_exception(exc, file=sys.stderr)
-            _stderr().print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            display.error(str(exc))
             raise typer.Exit(2) from None
         except Stopped as exc:
             _stopped(exc)
@@ -66,34 +71,9 @@ def _stopped(exc: Stopped) -> None:
     from soupkit.launch import main_process
 
     if main_process():  # every process stopped at the same step; one line says so
-        _stderr().print(str(exc), highlight=False, markup=False)
+        display.plain(str(exc), err=True)
     _end_processes(exc.exit_code)
     raise typer.Exit(exc.exit_code) from None
-
-
-def _stderr() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True, soft_wrap=True)
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console(soft_wrap=True)
-
-
-def _bytes_progress(description: str) -> Any:
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    return Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                    TransferSpeedColumn(), TimeRemainingColumn(), console=_stderr(), transient=True)
 
 
 CHAT_HELP = "Chat template: auto (the tokenizer's, if any), always, never, chatml, or a .jinja file."
@@ -118,43 +98,30 @@ def merge(
     if loaded.merge is None:
         raise SoupkitError(f"{recipe}: no merge: section")
     start = time.perf_counter()
-    with _bytes_progress("merging") as bar:
-        task = bar.add_task("merging", total=None)
-        output = run_merge(loaded, out=out, force=force, allow_pickle=allow_pickle,
-                           progress=lambda done, total: bar.update(task, completed=done, total=total))
+    with display.bytes_progress("merging") as progress:
+        output = run_merge(loaded, out=out, force=force, allow_pickle=allow_pickle, progress=progress)
     spec = loaded.merge
-    _console().print(f"[green]wrote[/] {output}  ({spec.method} of {len(spec.models)} models, "
-                     f"{time.perf_counter() - start:.1f} s)")
+    display.wrote(output, f"{spec.method} of {len(spec.models)} models, {time.perf_counter() - start:.1f} s")
+
+
+ALIGN_SWEEP_KEYS = ("runs", "seeds", "kl_coefs")
+"""``AlignSpec``'s sweep keys, read by ``soupkit run`` only: not flags. Delete once they leave AlignSpec."""
+ALIGN_NOT_FLAGS = ("output", "watch", "lora_target_modules", *ALIGN_SWEEP_KEYS)
+"""Settings without a flag of their own: ``output`` is ``--out``, ``watch`` is ``--watch NAME=PATH``,
+``lora_target_modules`` (a list or peft's ``all-linear``) is set with ``--set``."""
 
 
 @app.command()
 @user_errors
+@with_spec_flags(AlignSpec, exclude=ALIGN_NOT_FLAGS, after="out")
 def align(
     recipe: Annotated[Path | None, typer.Argument(help="Optional recipe YAML with an align: section.")] = None,
-    ref: Annotated[list[str] | None, typer.Option("--ref", help="Frozen KL reference (dir or Hub id); repeat for several.")] = None,
-    reward: Annotated[str | None, typer.Option("--reward", help="Reward model dir, or module:function / file.py:function.")] = None,
-    prompts: Annotated[str | None, typer.Option("--prompts", help="Prompts: .jsonl or a dataset (any TRL format), or .txt.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (overrides align.output).")] = None,
-    init: Annotated[str | None, typer.Option("--init", help="Policy start (default: the reference).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="PPO steps.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Prompts per step.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Longest response.")] = None,
-    learning_rate: Annotated[float | None, typer.Option("--learning-rate", help="Policy learning rate.")] = None,
-    kl_coef: Annotated[float | None, typer.Option("--kl-coef", help="KL penalty coefficient (beta).")] = None,
-    ppo_epochs: Annotated[int | None, typer.Option("--ppo-epochs", help="Passes over each batch.")] = None,
-    minibatches: Annotated[int | None, typer.Option("--minibatches", help="Minibatches per pass.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
     watch: Annotated[list[str] | None, typer.Option("--watch", help="Also log kl_NAME against model PATH: NAME=PATH.")] = None,
-    save_every: Annotated[int | None, typer.Option("--save-every", help="Checkpoint every N steps (0 = never).")] = None,
-    lora_rank: Annotated[int | None, typer.Option("--lora-rank", help="Train a LoRA adapter of this rank (0 = full).")] = None,
-    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="Frozen models in bf16, forwards under bf16 "
-                    "autocast (default: where the hardware has native bf16).")] = None,
-    offload_frozen: Annotated[bool, typer.Option("--offload-frozen", help="Keep ref/reward/watch models on the CPU between passes.")] = False,
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in backward.")] = False,
-    chat_template: Annotated[str | None, typer.Option("--chat-template", help=CHAT_HELP)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a setting: align.kl_estimator=k3.")] = None,
+    **settings: Any,
 ) -> None:
     """PPO on a policy with a per-token KL penalty against a frozen reference (a soup, an SFT model).
 
@@ -164,52 +131,13 @@ def align(
     from soupkit.rlhf import build_spec, train
     from soupkit.rlhf.config import parse_watch
 
-    flags = dict(ref=ref, reward=reward, prompts=prompts, init=init, steps=steps, batch_size=batch_size,
-                 max_new_tokens=max_new_tokens, learning_rate=learning_rate, kl_coef=kl_coef,
-                 ppo_epochs=ppo_epochs, minibatches=minibatches, seed=seed, save_every=save_every,
-                 watch=parse_watch(watch or []), output=str(out) if out else None, lora_rank=lora_rank,
-                 bf16=bf16, offload_frozen=offload_frozen or None,
-                 gradient_checkpointing=gradient_checkpointing or None, chat_template=chat_template)
+    flags = dict(settings, watch=parse_watch(watch or []), output=str(out) if out else None)
     spec = build_spec(recipe, flags, set_ or [])
-    bar = _steps_progress()  # started on the first step, so input errors print without a bar
-    task = bar.add_task("align", total=spec.steps, reward=float("nan"), kl=float("nan"), slowest="")
-
-    def progress(done: int, total: int, metrics: dict[str, Any]) -> None:
-        from soupkit.rlhf.timing import slowest
-
-        stage = slowest(metrics)
-        bar.start()
-        bar.update(task, completed=done, total=total, reward=metrics["reward"], kl=metrics["kl"],
-                   slowest=f"  {metrics['seconds']:.1f} s/step, {stage[0]} {stage[1]:.0%}" if stage else "")
-
-    try:
+    with display.steps_progress(spec.steps) as progress:
         final = train(spec, resume=resume, force=force, progress=progress)
-    finally:
-        bar.stop()
     if main_process():  # one line per run, not per process
-        _console().print(f"[green]wrote[/] {final}  (metrics: {final.parent / 'metrics.jsonl'})")
+        display.wrote(final, f"metrics: {final.parent / 'metrics.jsonl'}")
     _end_processes()
-
-
-def _count_progress() -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=_stderr(), transient=True)
-
-
-def _steps_progress() -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                    "reward {task.fields[reward]:.3f}  kl {task.fields[kl]:.3f}{task.fields[slowest]}", TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=_stderr(), transient=False)
 
 
 @app.command()
@@ -229,84 +157,15 @@ def inspect(
     chat_template: Annotated[str, typer.Option("--chat-template", help=CHAT_HELP)] = "auto",
 ) -> None:
     """Weight distances, output KL, interpolation path, and a verdict: can these be souped?"""
-    from rich.progress import Progress
-
     from soupkit.diagnostics import run_inspect, verdict
 
     if prompts is not None:
         _quiet_libraries()
-    with Progress(console=_stderr(), transient=True) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            task = tasks.setdefault(stage, bar.add_task(stage, total=total))
-            bar.update(task, completed=done, total=total)
-
+    with display.stage_progress() as progress:
         result = run_inspect(models, json_out=json_out, plots=plots, force=force, base=base, prompts=prompts,
                              path=path, reward=reward, points=points, soup=soup, allow_pickle=allow_pickle,
                              chat_template=chat_template, progress=progress)
-    _render_inspect(result, verdict(result), [p for p in (json_out, plots) if p is not None])
-
-
-def _fmt(value: Any, spec: str = ".4g") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _render_inspect(result: dict[str, Any], answer: dict[str, Any], written: list[Path]) -> None:
-    console = _console()
-    console.print(_pair_table(result["pairs"], "Weight space", {
-        "L2": "l2", "rel. L2": "relative_l2", "cosine": "cosine", "task cos": "task_cosine",
-        "sign confl.": "sign_conflict"}))
-    if "kl" in result["pairs"][0]:
-        console.print(_pair_table(result["pairs"], "Output space (nats per predicted token)", {
-            "KL(a||b)": "kl", "KL(b||a)": "kl_reverse", "JS": "js", "top-1 agree": "top1_agreement"}))
-    for pair in result["pairs"]:
-        console.print(_layer_table(pair))
-    if "path" in result:
-        console.print(_path_table(result["path"]))
-    style = {"yes": "bold green", "likely": "bold yellow", "no": "bold red"}[answer["answer"]]
-    console.print(f"[{style}]Can these be souped? {answer['answer']}[/]")
-    for line in answer["reasons"] + answer["notes"]:
-        console.print(f"  - {line}", highlight=False)
-    for out in written:
-        console.print(f"[green]wrote[/] {out}")
-
-
-def _pair_table(pairs: list[dict[str, Any]], title: str, columns: dict[str, str]) -> Any:
-    from rich.table import Table
-
-    table = Table(title=title)
-    for column in ("a", "b", *columns):
-        table.add_column(column, overflow="fold")
-    for pair in pairs:
-        table.add_row(pair["a"], pair["b"], *(_fmt(pair.get(key)) for key in columns.values()))
-    return table
-
-
-def _layer_table(pair: dict[str, Any]) -> Any:
-    from rich.table import Table
-
-    table = Table(title=f"{pair['a']} vs {pair['b']}: per layer and module kind")
-    for column in ("layer / module", "L2", "rel. L2", "cosine", "task cos", "sign confl."):
-        table.add_column(column)
-    rows = [(str(r["layer"]), r) for r in pair["layers"]] + [(r["module"], r) for r in pair["modules"]]
-    for label, row in rows:
-        table.add_row(label, *(_fmt(row.get(k)) for k in ("l2", "relative_l2", "cosine", "task_cosine", "sign_conflict")))
-    return table
-
-
-def _path_table(path: dict[str, Any]) -> Any:
-    from rich.table import Table
-
-    barrier = f"; barrier {path['barrier']:.4f} (chord {path['barrier_chord']:.4f})" if "barrier" in path else ""
-    table = Table(title=f"Path (1-alpha) {path['a']} + alpha {path['b']}{barrier}")
-    table.add_column("alpha")
-    table.add_column("loss")
-    if "reward" in path:
-        table.add_column("reward")
-    for i, alpha in enumerate(path["alpha"]):
-        table.add_row(f"{alpha:g}", _fmt(path["loss"][i], ".4f"), *([_fmt(path["reward"][i], ".4f")] if "reward" in path else []))
-    return table
+    display.inspect_report(result, verdict(result), [p for p in (json_out, plots) if p is not None])
 
 
 @app.command("run")
@@ -322,10 +181,10 @@ def run_recipe(
     from soupkit.pipeline import run_pipeline
 
     _quiet_libraries()
-    report = run_pipeline(recipe, only=only or [], force=force or [], overrides=set_ or [], log=_log)
+    report = run_pipeline(recipe, only=only or [], force=force or [], overrides=set_ or [], log=display.plain)
     ran = sum(v.count("ran") for v in report.values())
     if main_process():  # once under torchrun / accelerate launch
-        _console().print(f"[green]done[/]: {ran} unit(s) run, {sum(len(v) for v in report.values()) - ran} skipped")
+        display.console().print(f"[green]done[/]: {ran} unit(s) run, {sum(len(v) for v in report.values()) - ran} skipped")
     _end_processes()
 
 
@@ -344,11 +203,10 @@ def eval_recipe(
     _quiet_libraries()
     overrides = (set_ or []) + ([f"eval.chat_template={chat_template}"] if chat_template else [])
     loaded = load_recipe(recipe, overrides)
-    with _count_progress() as bar:
-        task = bar.add_task("evaluating policies", total=None)
-        results = run_eval(loaded, force=force, progress=lambda d, t: bar.update(task, completed=d, total=t))
-    _render_eval(results)
-    _console().print(f"report: {Path(loaded.eval.output) / 'report.md'}")
+    with display.count_progress("evaluating policies") as progress:
+        results = run_eval(loaded, force=force, progress=progress)
+    display.eval_results(results)
+    display.console().print(f"report: {Path(loaded.eval.output) / 'report.md'}")
 
 
 @app.command()
@@ -364,13 +222,9 @@ def demo(
     from soupkit.demo.run import run_demo
 
     _quiet_libraries()
-    results = run_demo(out, force=force, small=small, overrides=set_ or [], log=_log, model=model)
-    _render_eval(results)
-    _console().print(f"report: {out / 'eval' / 'report.md'}   recipe: {out / 'recipe.yaml'}")
-
-
-def _log(message: str) -> None:
-    _console().print(message, markup=False, highlight=False)
+    results = run_demo(out, force=force, small=small, overrides=set_ or [], log=display.plain, model=model)
+    display.eval_results(results)
+    display.console().print(f"report: {out / 'eval' / 'report.md'}   recipe: {out / 'recipe.yaml'}")
 
 
 def _quiet_libraries() -> None:
@@ -385,25 +239,6 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     datasets_quiet()
-
-
-def _render_eval(results: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    from soupkit.evaluation.writing import format_ci, kl_keys, reading
-
-    first = next(iter(results["methods"].values()))
-    kls = kl_keys(first)
-    table = Table(title=f"{results['prompts']} held-out prompts, 95% bootstrap intervals")
-    columns = ["method", "kl_coef", "seeds", "reward (RM)"] + (["gold"] if "gold" in first else []) + kls
-    for column in columns + [f"win vs {results['baseline']}"]:
-        table.add_column(column)
-    for m in results["methods"].values():
-        cells = [format_ci(m["reward"])] + ([format_ci(m["gold"])] if "gold" in m else []) + [format_ci(m[k]) for k in kls]
-        table.add_row(m["method"], f"{m['kl_coef']:g}", str(len(m["seeds"])), *cells, format_ci(m["win_rate"]))
-    _console().print(table)
-    for line in reading(results):
-        _console().print(line, highlight=False)
 
 
 def _end_processes(code: int = 0) -> None:

@@ -281,10 +281,10 @@ def run_eval(recipe: str | Path | Recipe, *, force: bool = False,
 
 
 def _run_eval(spec: Any, align: AlignSpec, force: bool, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
-    from soupkit.checkpoint import atomic_output_dir
     from soupkit.evaluation.report import RunResult, evaluate
     from soupkit.locking import check_not_being_written
     from soupkit.rlhf.prompts import load_prompts
+    from soupkit.storage import atomic_output_dir
 
     runs = [RunResult(name, seed, coef, path / "final", _sampling(spec, run_spec))
             for name, seed, coef, run_spec, path in expand_align(align)]
@@ -298,7 +298,7 @@ def _run_eval(spec: Any, align: AlignSpec, force: bool, progress: Callable[[int,
     if baseline not in {r.method for r in runs}:
         raise SoupkitError(f"eval.baseline: {baseline!r} is not an align run ({', '.join(sorted({r.method for r in runs}))})")
     with atomic_output_dir(Path(spec.output), force) as tmp:
-        path = _path_report(spec, spec.reward or align.reward) if spec.path else None
+        path = _path_report(spec, align) if spec.path else None
         return evaluate(runs, prompts, tmp, reward=spec.reward or align.reward, gold=spec.gold_reward,
                         references=spec.references, baseline=baseline, n_boot=spec.bootstrap, path=path,
                         progress=progress)
@@ -312,11 +312,13 @@ def _sampling(spec: Any, run: AlignSpec) -> Any:
                     run.top_p, spec.seed, run.max_prompt_tokens, spec.chat_template or run.chat_template)
 
 
-def _path_report(spec: Any, reward: str) -> dict[str, Any]:
-    """Loss and reward along alpha between ``path.a`` and ``path.b`` (soupkit inspect's path)."""
+def _path_report(spec: Any, align: AlignSpec) -> dict[str, Any]:
+    """Loss and reward along alpha between ``path.a`` and ``path.b`` (soupkit inspect's path),
+    the reward sampled and scored as the eval rows beside it (the align section's settings)."""
     from soupkit.diagnostics.report import report
 
-    result = report([spec.path.a, spec.path.b], prompts=spec.prompts, path=True, reward=reward,
-                    points=spec.path.points, prompt_split=spec.prompt_split,
-                    chat_template=spec.chat_template or "auto")
+    how = _sampling(spec, align)
+    result = report([spec.path.a, spec.path.b], prompts=spec.prompts, path=True, reward=spec.reward or align.reward,
+                    points=spec.path.points, prompt_split=spec.prompt_split, chat_template=how.chat_template,
+                    sampling=how)
     return result["path"]

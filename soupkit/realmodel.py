@@ -35,7 +35,7 @@ def cache_dir() -> Path:
 
 def smollm2(cache: Path | None = None) -> Path:
     """The HF-format directory of SmolLM2-135M-Instruct, built on first use (about a minute)."""
-    from soupkit.checkpoint import atomic_output_dir
+    from soupkit.storage import atomic_output_dir
 
     out = (cache or cache_dir()) / NAME
     if (out / "config.json").is_file():

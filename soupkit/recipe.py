@@ -34,7 +34,7 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)  # docstrings: --help
 
 
 def _check_number(value: Any, where: str) -> float:
@@ -115,7 +115,7 @@ class MergeSpec(Strict):
     @field_validator("shard_size")
     @classmethod
     def _size(cls, value: str | int) -> str | int:
-        from soupkit.checkpoint import parse_size
+        from soupkit.shards import parse_size
 
         if parse_size(value) <= 0:
             raise ValueError("must be positive, e.g. 5GB")
@@ -170,7 +170,7 @@ class AlignSpec(Strict):
     """
 
     ref: list[str]
-    """Frozen KL reference: checkpoint dir or Hub id (a soup, an SFT model); default: merge.output."""
+    """Frozen KL reference: checkpoint dir or Hub id (a soup, an SFT model); repeat for several; default: merge.output."""
     ref_mode: Literal["soup", "mean_kl"] = "soup"
     """With several refs: ``soup`` averages their weights in memory; ``mean_kl`` averages their KLs."""
     init: str | None = None

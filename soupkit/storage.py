@@ -1,4 +1,8 @@
-"""Disk faults met before they cost work, and told in one line when they cannot be.
+"""Output safety: never a partial result or a clobbered directory, and disk faults met before
+they cost work (or told in one line when they cannot be).
+
+An output is written into a temporary sibling and renamed into place at the end; an existing
+non-empty output is replaced only with ``--force``.
 
 A full disk or a read-only output used to surface as a traceback after the work was done (a merge
 that had read every weight, an align run hours in). So: the output is probed for writability and
@@ -106,3 +110,52 @@ def _cause(exc: BaseException) -> str:
     if isinstance(exc, RuntimeError):
         return f"torch.save failed, is the disk full? ({str(exc).strip().splitlines()[0]})"
     return str(exc).strip() or type(exc).__name__
+
+
+def dir_is_nonempty(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def check_output_free(out: Path, force: bool) -> None:
+    """Refuse an existing non-empty output unless ``force``."""
+    if dir_is_nonempty(out) and not force:
+        raise SoupkitError(f"output {out} already exists and is not empty; pass --force to replace it")
+
+
+@contextmanager
+def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; on success it replaces ``out`` by renames.
+
+    Nothing is written at ``out`` until the body succeeds, and an existing non-empty ``out`` is
+    only replaced with ``force``. On failure the temporary directory is removed.
+    """
+    out = Path(out)
+    check_output_free(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is a normal directory
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace(tmp, out)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists() or out.is_symlink():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()

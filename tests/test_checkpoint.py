@@ -11,15 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from soupkit.checkpoint import (
-    PlannedTensor,
-    ShardedWriter,
-    atomic_output_dir,
-    open_checkpoint,
-    parse_size,
-    read_safetensors_header,
-)
 from soupkit.errors import SoupkitError
+from soupkit.modeldir import open_checkpoint, read_safetensors_header
+from soupkit.shards import PlannedTensor, ShardedWriter, parse_size
+from soupkit.storage import atomic_output_dir
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -150,7 +145,7 @@ def test_missing_shard_is_named(tmp_path):
 
 
 def test_write_config_records_dtype(tmp_path):
-    from soupkit.checkpoint import write_config
+    from soupkit.shards import write_config
 
     write_config(tmp_path, {"torch_dtype": "float32", "model_type": "llama"}, "BF16")
     config = json.loads(Path(tmp_path / "config.json").read_text())

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from soupkit.checkpoint import atomic_output_dir
 from soupkit.cli import app
 from soupkit.errors import SoupkitError
 from soupkit.locking import check_not_being_written, lock_file, writer_of, writing
+from soupkit.storage import atomic_output_dir
 from tests.concurrency import hold
 
 runner = CliRunner()

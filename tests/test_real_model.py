@@ -57,10 +57,10 @@ def _metrics(path: Path) -> list[dict]:
 
 def test_string_and_conversational_prompts_give_the_same_token_ids(smollm2):
     from soupkit.chat import own_template, render
-    from soupkit.rlhf.models import load_tokenizer
+    from soupkit.loading import generation_tokenizer
     from soupkit.rlhf.rollout import encode_prompts
 
-    tok = load_tokenizer(smollm2, False)
+    tok = generation_tokenizer(smollm2, "policy")
     rows = chat_world.prompt_rows(chat_world.HELD_OUT[:3])
     conv = chat_world.prompt_rows(chat_world.HELD_OUT[:3], conversational=True)
     texts = render(tok, [r["prompt"] for r in rows], own_template(tok), "p")
@@ -86,13 +86,13 @@ def test_ppo_and_salsa_answer_and_stop_at_end_of_turn(pipeline):
 
 def test_sft_policy_answers_factual_questions(pipeline):
     from soupkit.chat import render
-    from soupkit.diagnostics.texts import load_lm
     from soupkit.evaluation.sampling import Sampling, completions, policy_chat, sample
+    from soupkit.loading import causal_lm
 
     root, _ = pipeline
     prompts = [r["prompt"] for r in chat_world.prompt_rows(chat_world.HELD_OUT)]
     chat = policy_chat(root / "sft-a", "auto", "sft-a")
-    parts = sample(load_lm(root / "sft-a", "sft"), chat.tokenizer, render(chat.tokenizer, prompts, chat.template, "p"),
+    parts = sample(causal_lm(root / "sft-a", "sft"), chat.tokenizer, render(chat.tokenizer, prompts, chat.template, "p"),
                    Sampling(max_new_tokens=NEW_TOKENS, temperature=0.2, top_p=1.0, seed=0), chat.stops)
     answers = completions(parts, chat)
     right = [chat_world.capital_for(p).lower() in a.lower() for p, a in zip(prompts, answers)]

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from soupkit import run_merge
-from soupkit.checkpoint import SUPPORT_FILES
 from soupkit.errors import SoupkitError
+from soupkit.shards import SUPPORT_FILES
 from soupkit.storage import check_writable, human_bytes
 from tests.conftest import load_state, must_not_run, read_only
 
@@ -63,7 +63,7 @@ def test_planned_size_is_what_a_merge_writes(tmp_path, llama_pair):
 
 
 def test_disk_full_mid_merge_is_one_line_and_the_old_output_is_kept(tmp_path, llama_pair, monkeypatch):
-    from soupkit.checkpoint import ShardedWriter
+    from soupkit.shards import ShardedWriter
 
     out = run_merge(_recipe(llama_pair, tmp_path / "soup"))
     before = load_state(out)

@@ -82,8 +82,8 @@ def _write_init(path: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from soupkit.checkpoint import atomic_output_dir
     from soupkit.demo.tokenizer import build_tokenizer
+    from soupkit.storage import atomic_output_dir
 
     tok = build_tokenizer(world.words())
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

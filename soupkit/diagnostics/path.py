@@ -1,9 +1,10 @@
 """Loss (and reward) along the line through two models and over the plane through three.
 
 The interpolated models exist only in memory: one working model's parameters are overwritten
-with ``sum_k w_k * theta_k`` for each point, so no checkpoint is written. The weights are applied
-left to right as ``w_0 * theta_0 + w_1 * theta_1 + ...``, which makes every vertex exact
-(``0 * x + y == y``), so the path's endpoints are the models themselves, bit for bit.
+with ``sum_k w_k * theta_k`` for each point, so no checkpoint is written. The sum is the merge
+engine's (``soupkit.merge.engine``: float32, left to right ``w_0 * theta_0 + w_1 * theta_1 + ...``),
+which makes every vertex exact (``0 * x + y == y``: the path's endpoints are the models themselves,
+bit for bit) and the midpoint the uniform soup ``soupkit merge`` writes, bit for bit.
 
 Loss barrier, as defined by Frankle et al. 2020 ("Linear Mode Connectivity and the Lottery
 Ticket Hypothesis", arXiv 1912.05671, section 2): the largest loss on the segment minus the mean
@@ -39,11 +40,12 @@ def mix_into(model: Any, sources: Sequence[dict[str, Any]], weights: Sequence[fl
     """Set every parameter of ``model`` to ``sum_k weights[k] * sources[k][name]`` in place."""
     import torch
 
+    from soupkit.merge.engine import Buffers, average_tensors
+
+    buf = Buffers()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            param.copy_(sources[0][name]).mul_(weights[0])
-            for src, w in zip(sources[1:], weights[1:]):
-                param.add_(src[name], alpha=w)
+            param.copy_(average_tensors([src[name] for src in sources], list(weights), buf))
 
 
 def mean_loss(model: Any, ids: list[list[int]], pad: int) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from soupkit.checkpoint import atomic_output_dir
+from soupkit.storage import atomic_output_dir
 
 
 def pyplot() -> Any:

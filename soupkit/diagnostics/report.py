@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from soupkit.chat import checked_setting, render, use_template
-from soupkit.checkpoint import Checkpoint, check_output_free
 from soupkit.errors import SoupkitError
 from soupkit.formats import Prompt
 from soupkit.merge.preflight import (
@@ -25,6 +24,8 @@ from soupkit.merge.preflight import (
     check_same_vocabulary,
     open_ingredient,
 )
+from soupkit.modeldir import Checkpoint
+from soupkit.storage import check_output_free
 
 Progress = Callable[[str, int, int], None]
 PAIR_KEYS = ("l2", "relative_l2", "cosine", "task_norm_a", "task_norm_b", "task_cosine", "sign_conflict")
@@ -41,7 +42,10 @@ class Inputs:
     texts: list[Prompt] | None
     soup: int | None
     reward: Any
+    """A reward function, a checked reward-model directory (loaded for the path), or None."""
     chat_template: str = "auto"
+    sampling: Any = None
+    """How the path's completions are drawn (``soupkit.evaluation.sampling.Sampling``)."""
 
     @property
     def order(self) -> list[int]:
@@ -89,7 +93,7 @@ def find_soup(ckpts: Sequence[Checkpoint], soup: str | None) -> int | None:
 
 def prepare(models: Sequence[str], base: str | None, prompts: str | Path | None, path: bool,
             reward: str | None, points: int, soup: str | None, allow_pickle: bool,
-            chat_template: str = "auto", prompt_split: str = "train") -> Inputs:
+            chat_template: str = "auto", prompt_split: str = "train", sampling: Any = None) -> Inputs:
     """Open and check everything; raises ``SoupkitError`` before any weight is read."""
     from soupkit.diagnostics.texts import read_texts
 
@@ -109,16 +113,26 @@ def prepare(models: Sequence[str], base: str | None, prompts: str | Path | None,
     names = check_same_tensors(everyone)
     texts = read_texts(prompts, prompt_split) if prompts is not None else None
     reward_fn = _reward(reward)
-    return Inputs(list(models), ckpts, base_ckpt, names, texts, find_soup(ckpts, soup), reward_fn,
-                  checked_setting(chat_template, "--chat-template"))
+    template = checked_setting(chat_template, "--chat-template")
+    if reward and sampling is None:
+        from soupkit.evaluation.sampling import default_sampling
+
+        sampling = default_sampling(chat_template=template)
+    return Inputs(list(models), ckpts, base_ckpt, names, texts, find_soup(ckpts, soup), reward_fn, template, sampling)
 
 
 def _reward(spec: str | None) -> Any:
+    """The reward function, or the reward model's directory checked from its files (loaded later,
+    with the policy's tokenizer, as training loads it)."""
     if spec is None:
         return None
-    from soupkit.diagnostics.reward import load_reward
+    from soupkit.rlhf.reward import is_function_ref, load_reward_fn, reward_model_dir
 
-    return load_reward(spec)
+    if is_function_ref(spec):
+        return load_reward_fn(spec)
+    if Path(spec).is_dir():
+        return reward_model_dir(spec)
+    raise SoupkitError(f"--reward {spec!r}: neither a reward-model directory nor module:function")
 
 
 def weight_pairs(inp: Inputs, progress: Progress | None) -> list[dict[str, Any]]:
@@ -138,32 +152,33 @@ def output_pass(inp: Inputs, pairs: list[dict[str, Any]], want_path: bool, point
                 progress: Progress | None) -> dict[str, Any] | None:
     """Output-space stats into ``pairs`` (in place); returns the path section if asked for."""
     from soupkit.diagnostics.outputs import output_stats
-    from soupkit.diagnostics.texts import encode, load_lm, load_tokenizer, pad_id
+    from soupkit.diagnostics.texts import encode, pad_id
+    from soupkit.loading import causal_lm, load_tokenizer
 
-    tok = load_tokenizer(inp.ckpts[inp.order[0]].path)
+    tok = load_tokenizer(inp.ckpts[inp.order[0]].path, "model")
     template = use_template(tok, inp.chat_template, f"model {inp.refs[inp.order[0]]}")
     texts = render(tok, inp.texts or [], template, "--prompts")
     ids = encode(tok, texts, special_tokens=template is None)  # a template writes its own special tokens
-    lms = {i: load_lm(inp.ckpts[i].path, f"model {i + 1}") for i in inp.order}
+    lms = {i: causal_lm(inp.ckpts[i].path, f"model {i + 1}") for i in inp.order}
     stats, _ = output_stats([lms[i] for i in inp.order], ids, pad_id(tok), progress)
     for pair, s in zip(pairs, stats):
         pair.update(s)
     if not want_path:
         return None
-    return path_pass(inp, lms, tok, ids, points, progress, texts, template is not None)
+    return path_pass(inp, lms, tok, ids, points, progress)
 
 
 def path_pass(inp: Inputs, lms: dict[int, Any], tok: Any, ids: list[list[int]], points: int,
-              progress: Progress | None, texts: list[str], chat: bool) -> dict[str, Any]:
+              progress: Progress | None) -> dict[str, Any]:
     """Line between the first two ingredients; plane when there are exactly three."""
     from soupkit.diagnostics import path as P
-    from soupkit.diagnostics.reward import mean_reward
-    from soupkit.diagnostics.texts import load_lm, pad_id
+    from soupkit.diagnostics.texts import pad_id
+    from soupkit.loading import causal_lm
 
     corners = inp.ingredients[:3]
     sources = [P.snapshot(lms[i]) for i in corners]
-    work = load_lm(inp.ckpts[corners[0]].path, "model")
-    score = mean_reward(inp.reward, tok, inp.texts or [], texts, chat) if inp.reward else None
+    work = causal_lm(inp.ckpts[corners[0]].path, "model")
+    score = path_reward(inp, inp.ckpts[corners[0]].path) if inp.reward is not None else None
     out = {"a": inp.refs[corners[0]], "b": inp.refs[corners[1]],
            **P.line(work, sources[:2], ids, pad_id(tok), points, score, progress)}
     if len(inp.ingredients) == 3:
@@ -172,17 +187,32 @@ def path_pass(inp: Inputs, lms: dict[int, Any], tok: Any, ids: list[list[int]], 
     return out
 
 
+def path_reward(inp: Inputs, model_dir: Path) -> Callable[[Any], float]:
+    """``model -> mean reward`` at a point of the path, by eval's protocol (``soupkit.evaluation.
+    sampling``): the policy's chat set-up from ``model_dir``, the same seed at every point."""
+    from soupkit.chat import policy_chat
+    from soupkit.evaluation.sampling import mean_score
+    from soupkit.rlhf.models import reward_model
+
+    chat = policy_chat(model_dir, inp.sampling.chat_template, f"model {model_dir}")
+    scorer = reward_model(inp.reward, chat.tokenizer, "cpu") if isinstance(inp.reward, Path) else inp.reward
+    return lambda model: mean_score(model, inp.texts or [], chat, inp.sampling, scorer)
+
+
 def report(models: Sequence[str], *, base: str | None = None, prompts: str | Path | None = None,
            path: bool = False, reward: str | None = None, points: int = 9, soup: str | None = None,
            allow_pickle: bool = False, chat_template: str = "auto", prompt_split: str = "train",
-           progress: Progress | None = None) -> dict[str, Any]:
+           sampling: Any = None, progress: Progress | None = None) -> dict[str, Any]:
     """Measure ``models`` (paths or Hub ids) and return the JSON-ready report.
 
     ``{"models": [...], "pairs": [{"a", "b", "l2", "relative_l2", "cosine", "task_cosine",
     "sign_conflict", "kl", "kl_reverse", "js", "top1_agreement", "layers": [...], ...}],
     "path": {...}}``; keys are absent when not computed. A soup's pairs put the soup as ``a``.
+    The path's reward samples with ``sampling`` (``soupkit.evaluation.sampling.Sampling``; default:
+    an align run's defaults).
     """
-    inp = prepare(models, base, prompts, path, reward, points, soup, allow_pickle, chat_template, prompt_split)
+    inp = prepare(models, base, prompts, path, reward, points, soup, allow_pickle, chat_template, prompt_split,
+                  sampling)
     try:
         pairs = weight_pairs(inp, progress)
         result: dict[str, Any] = {"models": inp.refs, "pairs": pairs}

@@ -38,16 +38,6 @@ def read_texts(path: str | Path, split: str = "train") -> list[Prompt]:
         raise SoupkitError(f"--prompts {exc}") from None
 
 
-def load_tokenizer(model_dir: Path) -> Any:
-    """The tokenizer saved with a checkpoint (shared by all models: preflight checks the vocab)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as exc:  # noqa: BLE001 - a missing or broken tokenizer is the user's input
-        raise SoupkitError(f"{model_dir}: no usable tokenizer for --prompts ({type(exc).__name__})") from None
-
-
 def encode(tokenizer: Any, texts: list[str], max_tokens: int = MAX_TOKENS, special_tokens: bool = True) -> list[list[int]]:
     """Token ids per text, truncated to ``max_tokens``; texts under two tokens predict nothing."""
     ids = [tokenizer(t, add_special_tokens=special_tokens)["input_ids"][:max_tokens] for t in texts]
@@ -86,14 +76,3 @@ def next_token_logprobs(model: Any, input_ids: Any, mask: Any) -> tuple[Any, Any
 
 def pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-def load_lm(model_dir: Path, what: str) -> Any:
-    """A causal LM in float32 (CPU matmuls in bf16 are slow and less exact), in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    except Exception as exc:  # noqa: BLE001 - a checkpoint transformers cannot load is bad input
-        raise SoupkitError(f"{what} {model_dir}: cannot load as a causal LM ({type(exc).__name__}: {exc})") from None

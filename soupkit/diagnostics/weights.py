@@ -19,10 +19,10 @@ from itertools import combinations
 
 import numpy as np
 
-from soupkit.checkpoint import Checkpoint
 from soupkit.errors import SoupkitError
 from soupkit.merge.engine import widen
 from soupkit.merge.weights import EMBEDDING_MARKERS, layer_index
+from soupkit.modeldir import Checkpoint
 
 # 2 MiB of float64 per buffer: the handful of passes over one chunk stay in cache.
 CHUNK = 1 << 18

@@ -36,14 +36,13 @@ class RunResult:
 def measure_runs(runs: Sequence[RunResult], prompts: Sequence[str], reward: str, gold: str | None,
                  references: dict[str, str], progress: Progress | None = None) -> list[dict]:
     """Per-prompt measurements of every run; references and scorers are loaded once."""
-    from soupkit.diagnostics.texts import load_lm
     from soupkit.evaluation.sampling import load_scorer
-    from soupkit.rlhf.models import load_tokenizer
+    from soupkit.loading import causal_lm, generation_tokenizer
 
-    tok = load_tokenizer(runs[0].path, trust_remote_code=False)
+    tok = generation_tokenizer(runs[0].path, "policy")
     reward_scorer = load_scorer(reward, tok)
     gold_scorer = load_scorer(gold, tok) if gold else None
-    refs = {name: load_lm(path, f"eval.references.{name}") for name, path in references.items()}
+    refs = {name: causal_lm(path, f"eval.references.{name}") for name, path in references.items()}
     out = []
     for i, run in enumerate(runs):
         rows = measure(run.path, prompts, run.how, reward_scorer, gold_scorer, refs)

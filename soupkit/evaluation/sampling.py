@@ -1,5 +1,7 @@
-"""Per-sample measurements of one policy on held-out prompts: reward, gold reward, KL, length.
+"""Sampling and scoring a model's completions: the one protocol of eval, of the reward along
+inspect's interpolation path (and so of both columns of eval's report.md), and of training.
 
+Per-sample measurements of one policy on held-out prompts: reward, gold reward, KL, length.
 Completions are drawn and scored by the PPO code itself (the policy's tokenizer set up as in
 training, prompts rendered with the same chat template, encoded without special tokens and truncated
 the same way, sampling with the run's temperature and top-p, responses cut at the first end-of-turn
@@ -56,6 +58,15 @@ class Sampling:
     """How prompts are rendered (``soupkit.chat``), as in training."""
 
 
+def default_sampling(seed: int = 0, chat_template: str = "auto") -> Sampling:
+    """The sampling settings of an ``align`` run left at its defaults (``AlignSpec``)."""
+    from soupkit.recipe import AlignSpec
+
+    default = {name: field.default for name, field in AlignSpec.model_fields.items()}
+    return Sampling(default["max_new_tokens"], default["temperature"], default["top_p"], seed,
+                    default["max_prompt_tokens"], chat_template)
+
+
 def load_scorer(reward: str, tokenizer: Any) -> Scorer:
     """A reward function (``module:function``), or a reward model directory scored as in training."""
     if is_function_ref(reward):
@@ -102,6 +113,14 @@ def scores(scorer: Scorer, parts: list[Samples], prompts: Sequence[Prompt], chat
     return torch.cat(out).numpy().astype(float)
 
 
+def mean_score(policy: Any, prompts: Sequence[Prompt], chat: Chat, how: Sampling, scorer: Scorer) -> float:
+    """Mean reward of one completion per prompt, sampled and scored as in training and eval (the
+    same noise for every model: the seed is set before sampling)."""
+    texts = render(chat.tokenizer, prompts, chat.template, "prompts")
+    parts = sample(policy, chat.tokenizer, texts, how, chat.stops)
+    return float(scores(scorer, parts, prompts, chat).mean())
+
+
 def completions(parts: list[Samples], chat: Chat) -> list[str]:
     """Every completion as text: no special tokens, no end-of-turn token."""
     return [text for p in parts for text in chat.tokenizer.batch_decode(completion_ids(p, chat.stops),
@@ -113,10 +132,10 @@ def measure(policy_dir: Path, prompts: Sequence[Prompt], how: Sampling, reward: 
     """Every per-prompt number for one policy: ``reward``, ``gold``, ``kl_<ref>``, ``length``,
     ``ended`` (1 when the response ended its turn), ``nonempty`` (1 when the completion has text),
     and the first few ``examples``."""
-    from soupkit.diagnostics.texts import load_lm
+    from soupkit.loading import causal_lm
 
     chat = policy_chat(policy_dir, how.chat_template, f"policy {policy_dir}")
-    policy = load_lm(policy_dir, "policy")
+    policy = causal_lm(policy_dir, "policy")
     parts = sample(policy, chat.tokenizer, render(chat.tokenizer, prompts, chat.template, "eval prompts"), how,
                    chat.stops)
     rows: dict[str, Any] = {"reward": scores(reward, parts, prompts, chat),

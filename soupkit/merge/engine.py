@@ -13,13 +13,15 @@ torch's conversion (round to nearest, ties to even; NaN -> 0x7FC0) bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from soupkit.checkpoint import STORAGE, Checkpoint, PlannedTensor, ShardedWriter, parse_size
 from soupkit.merge.preflight import MergePlan
+from soupkit.modeldir import STORAGE, Checkpoint
+from soupkit.shards import PlannedTensor, ShardedWriter, parse_size
 
 CHUNK = 1 << 20
 Progress = Callable[[int, int], None]
@@ -90,24 +92,47 @@ def output_dtype(plan: MergePlan, name: str) -> str:
     info = plan.models[0].tensors[name]
     if plan.spec.dtype is None or not info.is_float:
         return info.dtype
-    from soupkit.checkpoint import DTYPE_NAMES
+    from soupkit.modeldir import DTYPE_NAMES
 
     return DTYPE_NAMES[plan.spec.dtype]
+
+
+def averaged_chunks(arrays: list[np.ndarray], dtypes: list[str], weights: list[float], out_dtype: str,
+                    buf: Buffers) -> Iterator[np.ndarray]:
+    """The weighted average of flat arrays, chunk after chunk, each rounded once to ``out_dtype``'s
+    storage (a view into ``buf``: use it before the next chunk)."""
+    n = arrays[0].size
+    for start in range(0, max(n, 1), CHUNK):
+        stop = min(start + CHUNK, n)
+        acc = average_chunk([a[start:stop] for a in arrays], dtypes, weights, buf)
+        yield narrow(acc, out_dtype, buf)
 
 
 def merge_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Buffers) -> None:
     """Average one tensor chunk by chunk; non-float tensors are copied from the first model."""
     arrays = [m.array(name) for m in plan.models]
-    dtypes = [m.tensors[name].dtype for m in plan.models]
-    out_dtype = output_dtype(plan, name)
     if not plan.models[0].tensors[name].is_float:
         writer.write(name, arrays[0])
         return
-    n = arrays[0].size
-    for start in range(0, max(n, 1), CHUNK):
-        stop = min(start + CHUNK, n)
-        acc = average_chunk([a[start:stop] for a in arrays], dtypes, plan.weights[name], buf)
-        writer.write(name, narrow(acc, out_dtype, buf))
+    dtypes = [m.tensors[name].dtype for m in plan.models]
+    for chunk in averaged_chunks(arrays, dtypes, plan.weights[name], output_dtype(plan, name), buf):
+        writer.write(name, chunk)
+
+
+def average_tensors(tensors: list[Any], weights: list[float], buf: Buffers | None = None) -> Any:
+    """The weighted average of same-shaped float torch tensors (any device, one dtype), as a new CPU
+    tensor of that dtype: the arithmetic of ``write_soup``, so equal to ``soupkit merge`` bit for bit."""
+    import torch
+
+    from soupkit.modeldir import torch_dtype_codes, torch_to_numpy
+
+    code = {v: k for k, v in torch_dtype_codes().items()}[tensors[0].dtype]
+    arrays = [torch_to_numpy(t.detach().cpu()) for t in tensors]
+    chunks = averaged_chunks(arrays, [code] * len(arrays), weights, code, buf or Buffers())
+    out = np.concatenate([chunk.copy() for chunk in chunks])  # each chunk is reused scratch space
+    if code == "BF16":
+        return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16).reshape(tensors[0].shape)
+    return torch.from_numpy(out).reshape(tensors[0].shape)
 
 
 def planned_tensors(plan: MergePlan) -> list[PlannedTensor]:

@@ -144,7 +144,7 @@ def run(plan: MergePlan, out_dir: Path, out_dtype: str) -> None:
     from mergekit.merge import MergeOptions
     from mergekit.merge import run_merge as mergekit_run_merge
 
-    from soupkit.checkpoint import parse_size
+    from soupkit.shards import parse_size
 
     config = MergeConfiguration.model_validate(mergekit_config(plan, out_dtype))
     options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=True,

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from soupkit.checkpoint import Checkpoint, TensorInfo, check_output_free, open_checkpoint
 from soupkit.errors import SoupkitError
+from soupkit.loading import tokenizer_vocab, vocab_difference, vocab_size
 from soupkit.merge import weights as W
+from soupkit.modeldir import Checkpoint, TensorInfo, open_checkpoint
 from soupkit.recipe import NATIVE_METHODS, MergeSpec
+from soupkit.storage import check_output_free
 
 ARCH_KEYS = ("architectures", "model_type")
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -95,20 +96,19 @@ def check_same_architecture(ckpts: list[Checkpoint]) -> None:
 def check_same_vocabulary(ckpts: list[Checkpoint]) -> None:
     """Same ``vocab_size`` and, where both ship ``tokenizer.json``, the same token ids."""
     first = ckpts[0]
-    vocab0 = _tokenizer_vocab(first.path)
+    vocab0 = tokenizer_vocab(first.path)
     for other in ckpts[1:]:
-        a, b = _vocab_size(first.config), _vocab_size(other.config)
+        a, b = vocab_size(first.config), vocab_size(other.config)
         if a != b:
             raise SoupkitError(
                 f"vocabulary mismatch: {first.ref} has vocab_size={a} but {other.ref} has {b}; "
                 "rows of the embeddings would not line up"
             )
-        vocab = _tokenizer_vocab(other.path)
-        if vocab0 is not None and vocab is not None and vocab0 != vocab:
-            diff = next(tok for tok in [*vocab0, *vocab] if vocab.get(tok) != vocab0.get(tok))
+        vocab = tokenizer_vocab(other.path)
+        difference = vocab_difference(vocab0, vocab) if vocab0 is not None and vocab is not None else None
+        if difference:
             raise SoupkitError(
-                f"vocabulary mismatch: the tokenizers of {first.ref} and {other.ref} differ "
-                f"(token {diff!r} has id {vocab0.get(diff)} vs {vocab.get(diff)})"
+                f"vocabulary mismatch: the tokenizers of {first.ref} and {other.ref} differ ({difference})"
             )
 
 
@@ -118,7 +118,7 @@ def soup_template(models: list[Checkpoint], setting: str | None) -> str | None:
     from soupkit.chat import CHATML_TOKENS, template_text
 
     if setting is not None:
-        vocab = _tokenizer_vocab(models[0].path)
+        vocab = tokenizer_vocab(models[0].path)
         if setting == "chatml" and vocab is not None and any(t not in vocab for t in CHATML_TOKENS):
             raise SoupkitError(f"merge.chat_template chatml: {models[0].ref} has no {CHATML_TOKENS[1]} token; "
                                "give the SFT stage chat_template: chatml so the ingredients learn it")
@@ -142,26 +142,6 @@ def read_template(model_dir: Path) -> str | None:
     except json.JSONDecodeError:
         raise SoupkitError(f"{config}: invalid JSON") from None
     return value if isinstance(value, str) else None
-
-
-def _vocab_size(config: dict[str, Any]) -> Any:
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    return text.get("vocab_size")
-
-
-def _tokenizer_vocab(model_dir: Path) -> dict[str, int] | None:
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise SoupkitError(f"{path}: invalid JSON") from None
-    vocab = dict(data.get("model", {}).get("vocab") or {})
-    if isinstance(data.get("model", {}).get("vocab"), list):  # unigram: [[piece, score], ...]
-        vocab = {piece: i for i, (piece, _) in enumerate(data["model"]["vocab"])}
-    vocab.update({tok["content"]: tok["id"] for tok in data.get("added_tokens", [])})
-    return vocab
 
 
 def check_same_tensors(ckpts: list[Checkpoint]) -> list[str]:

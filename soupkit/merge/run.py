@@ -7,21 +7,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from soupkit.checkpoint import (
-    CONFIG_DTYPE,
-    DTYPE_NAMES,
-    SUPPORT_FILES,
-    atomic_output_dir,
-    copy_support_files,
-    write_config,
-    write_provenance,
-)
 from soupkit.errors import SoupkitError
 from soupkit.locking import check_not_being_written, writing
 from soupkit.merge import engine, mergekit_backend
 from soupkit.merge.preflight import MergePlan, preflight
+from soupkit.modeldir import CONFIG_DTYPE, DTYPE_NAMES
+from soupkit.provenance import write_provenance
 from soupkit.recipe import NATIVE_METHODS, MergeSpec, Recipe, load_recipe, to_plain, validate
-from soupkit.storage import check_free_space, check_writable, write_errors
+from soupkit.shards import SUPPORT_FILES, copy_support_files, write_config
+from soupkit.storage import atomic_output_dir, check_free_space, check_writable, write_errors
 
 Progress = Callable[[int, int], None]
 

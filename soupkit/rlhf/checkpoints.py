@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from soupkit.checkpoint import atomic_output_dir, check_output_free, write_provenance
 from soupkit.errors import SoupkitError
+from soupkit.provenance import write_provenance
 from soupkit.recipe import AlignSpec
 from soupkit.rlhf.global_batch import global_batch_size
 from soupkit.rlhf.sharding import full_optimizer_state, full_state_dicts, load_optimizer_state
-from soupkit.storage import check_free_space, write_errors
+from soupkit.storage import atomic_output_dir, check_free_space, check_output_free, write_errors
 
 if TYPE_CHECKING:
     from soupkit.rlhf.trainer import Run

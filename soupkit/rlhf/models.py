@@ -22,9 +22,19 @@ from typing import Any
 import torch
 
 from soupkit.chat import own_template, policy_chat, render
-from soupkit.checkpoint import read_config, resolve_model_dir
 from soupkit.errors import SoupkitError
 from soupkit.formats import Prompt
+from soupkit.loading import (
+    causal_lm,
+    freeze,
+    generation_tokenizer,
+    has_tokenizer,
+    same_tokenizer_file,
+    seq_cls,
+    vocab_difference,
+    vocab_size,
+)
+from soupkit.modeldir import read_config, resolve_model_dir
 from soupkit.recipe import AlignSpec
 from soupkit.rlhf.prompts import load_prompts
 from soupkit.rlhf.reward import (
@@ -70,8 +80,7 @@ def preflight(spec: AlignSpec) -> Sources:
 
 
 def _vocab_size(path: Path, label: str) -> int:
-    config = read_config(path)
-    size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    size = vocab_size(read_config(path))
     if not isinstance(size, int):
         raise SoupkitError(f"{label} {path}: config.json has no vocab_size")
     return size
@@ -149,7 +158,7 @@ def frozen_dtype(spec: AlignSpec) -> torch.dtype:
 def _policy(spec: AlignSpec, sources: Sources, device: Any, resume_dir: Path | None) -> Any:
     """The full model (fp32: the optimiser's master weights), or a LoRA adapter on a frozen base."""
     if not spec.lora_rank:
-        return _causal_lm(resume_dir / "policy" if resume_dir else sources.init, spec, device)
+        return _causal_lm(resume_dir / "policy" if resume_dir else sources.init, spec, device, what="policy")
     base = _causal_lm(sources.init, spec, device, frozen_dtype(spec))
     return with_lora(base, spec, resume_dir / "policy" if resume_dir else None)
 
@@ -249,39 +258,15 @@ class PolicyAndValue(torch.nn.Module):
         return logits, self.critic(input_ids, attention_mask, position_ids)
 
 
-def load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
-    """The policy's tokenizer, left-padding prompts; pad = EOS only if it has no pad token."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - a missing or broken tokenizer is the user's input
-        raise SoupkitError(f"policy init {path}: cannot load its tokenizer ({type(exc).__name__})") from None
-    if tokenizer.eos_token_id is None:
-        raise SoupkitError(f"policy init {path}: the tokenizer has no EOS token to end responses")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # safe here: every mask is explicit, never ids != pad
-    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
-    return tokenizer
-
-
 def check_same_vocab(tokenizer: Any, path: Path, trust_remote_code: bool) -> None:
     """Refuse a model whose tokenizer maps tokens to other ids than the policy's."""
-    if not _has_tokenizer(path) or _same_tokenizer_file(tokenizer, path):
+    if not has_tokenizer(path) or same_tokenizer_file(tokenizer, path):
         return
-    other = load_tokenizer(path, trust_remote_code)
-    if other.get_vocab() != tokenizer.get_vocab():
-        raise SoupkitError(f"{path}: its tokenizer differs from the policy's; the KL needs one vocabulary")
-
-
-def _has_tokenizer(path: Path) -> bool:
-    return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-
-
-def _same_tokenizer_file(tokenizer: Any, path: Path) -> bool:
-    """Byte-identical ``tokenizer.json`` files: the same vocabulary without loading a second one."""
-    mine, theirs = Path(tokenizer.name_or_path) / "tokenizer.json", path / "tokenizer.json"
-    return mine.is_file() and theirs.is_file() and mine.read_bytes() == theirs.read_bytes()
+    other = generation_tokenizer(path, "model", trust_remote_code)
+    difference = vocab_difference(other.get_vocab(), tokenizer.get_vocab())
+    if difference:
+        raise SoupkitError(f"{path}: its tokenizer differs from the policy's ({difference}); "
+                           "the KL needs one vocabulary")
 
 
 def check_prompts(tokenizer: Any, prompts: list[str]) -> None:
@@ -291,31 +276,9 @@ def check_prompts(tokenizer: Any, prompts: list[str]) -> None:
             raise SoupkitError(f"prompt {number} ({prompts[number - 1]!r}) tokenises to no tokens")
 
 
-def freeze(model: Any) -> Any:
-    """Eval mode and no gradients: frozen models are read, never written."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def _causal_lm(path: Path, spec: AlignSpec, device: Any, dtype: torch.dtype = torch.float32) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=spec.trust_remote_code).to(device)
-
-
-def _seq_cls(path: Path, trust_remote_code: bool, device: Any, dtype: torch.dtype = torch.float32) -> Any:
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # a causal LM loaded this way "misses" its score head, by design
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
-    finally:
-        logging.set_verbosity(verbosity)
+def _causal_lm(path: Path, spec: AlignSpec, device: Any, dtype: torch.dtype = torch.float32,
+               what: str = "model") -> Any:
+    return causal_lm(path, what, dtype, device, spec.trust_remote_code)
 
 
 def _reward(spec: AlignSpec, sources: Sources, tokenizer: Any, device: Any) -> ModelReward | RewardFn:
@@ -328,13 +291,13 @@ def reward_model(path: Path, tokenizer: Any, device: Any, dtype: torch.dtype = t
                  trust_remote_code: bool = False) -> ModelReward:
     """A frozen sequence-classification reward model, with its own tokenizer only when its ids
     differ from ``tokenizer``'s (then text is re-tokenised; else the policy's ids are scored)."""
-    model = freeze(_seq_cls(path, trust_remote_code, device, dtype))
-    if not _has_tokenizer(path):
+    model = freeze(seq_cls(path, "reward model", dtype, device, trust_remote_code))
+    if not has_tokenizer(path):
         return ModelReward(model, None)
-    own = load_tokenizer(path, trust_remote_code)
+    own = generation_tokenizer(path, "reward model", trust_remote_code)
     own.padding_side = "right"
     chat = own if own_template(own) is not None else None
-    same = _same_tokenizer_file(tokenizer, path) or own.get_vocab() == tokenizer.get_vocab()
+    same = same_tokenizer_file(tokenizer, path) or vocab_difference(own.get_vocab(), tokenizer.get_vocab()) is None
     return ModelReward(model, None if same else own, chat)  # same ids: score the policy's tokens directly
 
 
@@ -342,22 +305,28 @@ def _critic(spec: AlignSpec, sources: Sources, reward: Any, resume_dir: Path | N
     """Value model from the checkpoint, else the reward model (Huang et al. 2024, arXiv 2403.17031) when it
     reads the policy's tokens, else the policy's backbone with a zero scalar head (Huang et al. 2023)."""
     if resume_dir is not None:
-        return ValueModel(_seq_cls(resume_dir / "critic", spec.trust_remote_code, device))
+        return ValueModel(seq_cls(resume_dir / "critic", "critic", None, device, spec.trust_remote_code))
     if isinstance(reward, ModelReward) and reward.tokenizer is None:
-        return ValueModel(_seq_cls(sources.reward_dir, spec.trust_remote_code, device))
-    seq_cls = _seq_cls(sources.init, spec.trust_remote_code, device)
-    with torch.no_grad(), full_weights(seq_cls.score, modify=True):
-        for param in seq_cls.score.parameters():
+        return ValueModel(seq_cls(sources.reward_dir, "reward model", None, device, spec.trust_remote_code))
+    model = seq_cls(sources.init, "policy init", None, device, spec.trust_remote_code)
+    with torch.no_grad(), full_weights(model.score, modify=True):
+        for param in model.score.parameters():
             param.zero_()
-    return ValueModel(seq_cls)
+    return ValueModel(model)
 
 
 @torch.no_grad()
 def soup_in_memory(models: list[Any]) -> Any:
     """Uniform weight average of same-shaped models, written into the first (Wortsman et al. 2022,
-    arXiv 2203.05482); the others are dropped."""
+    arXiv 2203.05482); the others are dropped. The arithmetic is ``soupkit merge``'s (float32 sum of
+    weight * tensor left to right, rounded once), so the soup equals a merged one bit for bit."""
+    from soupkit.merge.engine import Buffers, average_tensors
+    from soupkit.merge.weights import tensor_weights
+
     states = [m.state_dict() for m in models]
+    weights, buf, done = tensor_weights([None] * len(models), "", 0), Buffers(), set()
     for name, tensor in states[0].items():
-        if tensor.is_floating_point():
-            tensor.copy_(torch.stack([s[name].float() for s in states]).mean(dim=0))
+        if tensor.is_floating_point() and tensor.data_ptr() not in done:  # a tied tensor is averaged once
+            done.add(tensor.data_ptr())
+            tensor.copy_(average_tensors([s[name] for s in states], weights, buf))
     return models[0]

@@ -79,7 +79,7 @@ def reward_model_dir(ref: str) -> Path:
     """The directory of reward model ``ref``, checked from its files alone (config and safetensors
     headers, no weights loaded) to hold a saved one-output ``score`` head. transformers would give a
     causal LM a randomly initialised head without an error, and PPO would optimise noise."""
-    from soupkit.checkpoint import resolve_model_dir
+    from soupkit.modeldir import resolve_model_dir
 
     path = resolve_model_dir(ref, "reward model")
     problem = _head_problem(path)
@@ -91,7 +91,7 @@ def reward_model_dir(ref: str) -> Path:
 def _head_problem(path: Path) -> str | None:
     """Why ``path`` is not a usable reward model, or None. The head is ``score`` as in transformers'
     ``*ForSequenceClassification`` decoders (Llama, Mistral, Qwen, Gemma), which soupkit reads."""
-    from soupkit.checkpoint import has_pickle_weights, read_config, tensor_headers
+    from soupkit.modeldir import has_pickle_weights, read_config, tensor_headers
 
     archs = read_config(path).get("architectures") or []
     tensors = tensor_headers(path)

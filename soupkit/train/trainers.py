@@ -17,17 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from soupkit.chat import own_template, template_text, use_template
-from soupkit.checkpoint import (
-    atomic_output_dir,
-    check_output_free,
-    resolve_model_dir,
-    write_provenance,
-)
 from soupkit.errors import SoupkitError
 from soupkit.formats import is_conversational, preference_pair, sft_example
 from soupkit.launch import main_process
+from soupkit.modeldir import resolve_model_dir
+from soupkit.provenance import write_provenance
 from soupkit.recipe import RewardModelSpec, SFTSpec, to_plain
-from soupkit.storage import check_writable, write_errors
+from soupkit.storage import atomic_output_dir, check_output_free, check_writable, write_errors
 from soupkit.train import resume
 from soupkit.train.data import read_examples
 

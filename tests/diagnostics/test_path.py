@@ -6,8 +6,6 @@ import pytest
 
 from soupkit.diagnostics import path as P
 from soupkit.diagnostics import report
-from soupkit.diagnostics.reward import mean_reward, score_last_token
-from soupkit.diagnostics.texts import load_lm, load_tokenizer
 from tests.diagnostics.conftest import TEXTS
 from tests.diagnostics.oracles import own_loss
 
@@ -53,9 +51,18 @@ def test_path_endpoints_equal_each_models_own_loss(three):
 
 
 def test_path_midpoint_equals_the_uniform_soup(family, soup, texts_file, three):
-    """The in-memory midpoint is the fp32 soup that soupkit merge writes."""
+    """The in-memory midpoint is the fp32 soup that soupkit merge writes, bit for bit."""
+    import torch
+
+    from soupkit.loading import causal_lm
+    from tests.conftest import load_state
+
     _, line, _ = three
     assert line["loss"][4] == pytest.approx(own_loss(soup, TEXTS), rel=1e-6)
+    work = causal_lm(family["ft1"], "m")
+    P.mix_into(work, [P.snapshot(causal_lm(family[k], "m")) for k in ("ft1", "ft2")], (0.5, 0.5))
+    merged = load_state(soup)
+    assert all(torch.equal(p, merged[name]) for name, p in work.named_parameters())
 
 
 def test_plane_vertices_equal_each_models_own_loss(three):
@@ -73,53 +80,43 @@ def test_plane_edge_matches_the_path(three):
         assert plane["loss"][1][j] == pytest.approx(line["loss"][line["alpha"].index(u)], rel=1e-6)
 
 
-def test_reward_along_the_path_matches_each_model_at_the_endpoints(family, texts_file):
-    from tests.diagnostics.rewards import word_count
+def _eval_mean_reward(model_dir, reward: str, how) -> float:
+    """eval's mean reward of one model (``soupkit eval``'s ``reward`` column before the bootstrap)."""
+    from soupkit.evaluation.sampling import load_scorer, measure
+    from soupkit.loading import generation_tokenizer
 
-    spec = "tests.diagnostics.rewards:word_count"
-    tok = load_tokenizer(family["ft1"])
-    plain = lambda prompts, completions, chat: word_count(prompts, completions)  # noqa: E731
-    own = [mean_reward(plain, tok, TEXTS, TEXTS, False)(load_lm(family[k], "m")) for k in ("ft1", "ft2")]
+    scorer = load_scorer(reward, generation_tokenizer(model_dir, "policy"))
+    return float(measure(model_dir, TEXTS, how, scorer, None, {})["reward"].mean())
+
+
+@pytest.mark.parametrize("reward", ["function", "model"])
+def test_path_reward_at_the_endpoints_is_evals_reward_of_each_model(family, texts_file, reward_dir, reward):
+    """One protocol: the reward inspect reports at alpha = 0 and 1 is the mean reward eval measures
+    for those models with the same sampling settings (an align run's defaults here)."""
+    from soupkit.evaluation.sampling import default_sampling
+
+    spec = "tests.diagnostics.rewards:word_count" if reward == "function" else str(reward_dir)
     line5 = report([str(family["ft1"]), str(family["ft2"])], prompts=texts_file, path=True,
                    reward=spec, points=5)["path"]
-    assert [line5["reward"][1], line5["reward"][3]] == own
-    assert all(0 < r <= 32 for r in line5["reward"])  # at most MAX_NEW_TOKENS words
+    how = default_sampling()
+    assert [line5["reward"][1], line5["reward"][3]] == [_eval_mean_reward(family[k], spec, how) for k in ("ft1", "ft2")]
+    assert len(set(line5["reward"])) > 1  # the points differ: the reward is measured, not a constant
+    if reward == "function":
+        assert all(0 < r <= how.max_new_tokens for r in line5["reward"])  # words <= tokens
 
 
-def test_reward_model_scores_the_last_real_token(tmp_path):
-    """Batched, right-padded scores equal each text scored alone by transformers."""
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory):
+    """A one-label sequence classifier with the models' tokenizer."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from tests.conftest import tiny_config, tokenizer
-
-    config = tiny_config("llama")
-    config.num_labels = 1
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(config).eval()
-    tok = tokenizer()
-    got = score_last_token(model, tok, TEXTS)
-    for text, score in zip(TEXTS, got):
-        ids = torch.tensor([tok(text)["input_ids"]])
-        with torch.no_grad():
-            want = float(model(input_ids=ids).logits[0, 0])
-        assert score == pytest.approx(want, rel=1e-5, abs=1e-6)
-
-
-def test_reward_model_directory(tmp_path):
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from soupkit.diagnostics.reward import load_reward
     from tests.conftest import tiny_config, tokenizer
 
     config = tiny_config("llama")
     config.num_labels = 1
     torch.manual_seed(1)
-    model = AutoModelForSequenceClassification.from_config(config).eval()
-    model.save_pretrained(tmp_path / "rm")
-    tokenizer().save_pretrained(tmp_path / "rm")
-    fn = load_reward(str(tmp_path / "rm"))
-    got = fn(["the cat", "hello"], [" sat on the mat", " world"], False)
-    want = score_last_token(model, tokenizer(), ["the cat sat on the mat", "hello world"])
-    assert got == pytest.approx(want, rel=1e-5)
+    path = tmp_path_factory.mktemp("rm") / "rm"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return path

@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-from soupkit.checkpoint import open_checkpoint
 from soupkit.diagnostics import report
 from soupkit.diagnostics import weights as W
+from soupkit.modeldir import open_checkpoint
 from tests.conftest import load_state
 
 

@@ -1,10 +1,8 @@
-"""Hugging Face checkpoint I/O without loading models.
+"""Hugging Face model directories read without loading models.
 
-Reads ``config.json`` and safetensors headers (milliseconds, no torch), gives zero-copy numpy views
-of tensors through ``mmap`` (the pages belong to the page cache, not to the process), and writes
-sharded safetensors *as tensors are produced*: each shard's header is computed up front from the
-planned shapes, so the output never has to sit in memory. Also copies tokenizer and generation
-files and writes the provenance card every soupkit output carries.
+Reads ``config.json`` and safetensors headers (milliseconds, no torch) and gives zero-copy numpy
+views of tensors through ``mmap`` (the pages belong to the page cache, not to the process).
+Pickle weights (``pytorch_model*.bin``) are opened only when the caller allows them.
 
 Safetensors format: https://github.com/huggingface/safetensors#format (8-byte little-endian header
 length, a JSON header of ``name -> {dtype, shape, data_offsets}``, then the raw bytes).
@@ -15,13 +13,9 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import os
 import re
-import shutil
 import struct
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,11 +41,6 @@ STORAGE = {
 FP8 = {"F8_E4M3", "F8_E5M2"}
 DTYPE_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 CONFIG_DTYPE = {code: name for name, code in DTYPE_NAMES.items()}
-SUPPORT_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "generation_config.json",
-)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -90,7 +79,7 @@ class Checkpoint:
         """Flat zero-copy numpy view of tensor ``name`` in its storage dtype."""
         info = self.tensors[name]
         if self.pickled is not None:
-            return _torch_to_numpy(self.pickled[name])
+            return torch_to_numpy(self.pickled[name])
         mm = self._maps.get(info.file)
         if mm is None:
             with open(info.file, "rb") as f:
@@ -113,8 +102,6 @@ class Checkpoint:
         self.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# Locating and reading
 
 
 def resolve_model_dir(ref: str, what: str = "model") -> Path:
@@ -227,11 +214,20 @@ def has_pickle_weights(model_dir: Path) -> bool:
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
+    return _weight_files(model_dir, "model.safetensors")
+
+
+def _pickle_files(model_dir: Path) -> list[Path]:
+    return _weight_files(model_dir, "pytorch_model.bin")
+
+
+def _weight_files(model_dir: Path, single: str) -> list[Path]:
+    """The shards an index ``SINGLE.index.json`` lists, else the one file ``single``, else []."""
+    index = model_dir / f"{single}.index.json"
     if index.is_file():
         return _files_from_index(index)
-    single = model_dir / "model.safetensors"
-    return [single] if single.is_file() else []
+    path = model_dir / single
+    return [path] if path.is_file() else []
 
 
 def _files_from_index(index: Path) -> list[Path]:
@@ -258,20 +254,12 @@ def _read_all_headers(files: Sequence[Path], model_dir: Path) -> dict[str, Tenso
     return tensors
 
 
-def _pickle_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "pytorch_model.bin.index.json"
-    if index.is_file():
-        return _files_from_index(index)
-    single = model_dir / "pytorch_model.bin"
-    return [single] if single.is_file() else []
-
-
 def _open_pickled(ref: str, model_dir: Path, config: dict, files: list[Path]) -> Checkpoint:
     import torch
 
     state: dict[str, Any] = {}
     tensors: dict[str, TensorInfo] = {}
-    codes = {v: k for k, v in _torch_dtype_codes().items()}
+    codes = {v: k for k, v in torch_dtype_codes().items()}
     for file in files:
         try:
             shard = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
@@ -285,7 +273,8 @@ def _open_pickled(ref: str, model_dir: Path, config: dict, files: list[Path]) ->
     return Checkpoint(ref, model_dir, config, tensors, pickled=state)
 
 
-def _torch_dtype_codes() -> dict[str, Any]:
+def torch_dtype_codes() -> dict[str, Any]:
+    """safetensors dtype code -> torch dtype."""
     import torch
 
     return {
@@ -295,216 +284,11 @@ def _torch_dtype_codes() -> dict[str, Any]:
     }
 
 
-def _torch_to_numpy(t: Any) -> np.ndarray:
+def torch_to_numpy(t: Any) -> np.ndarray:
+    """Flat numpy view of a CPU tensor in its storage dtype (bf16 as uint16, as in a file)."""
     import torch
 
     t = t.contiguous().reshape(-1)
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
-
-
-# ---------------------------------------------------------------------------------------------
-# Streaming writer
-
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * STORAGE[self.dtype][0].itemsize
-
-
-def plan_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
-    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (one tensor minimum)."""
-    shards: list[list[PlannedTensor]] = [[]]
-    used = 0
-    for t in tensors:
-        if shards[-1] and used + t.nbytes > max_shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(t)
-        used += t.nbytes
-    return shards
-
-
-def _header_bytes(shard: Sequence[PlannedTensor]) -> bytes:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in shard:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors does
-    return struct.pack("<Q", len(raw)) + raw
-
-
-class ShardedWriter:
-    """Writes planned tensors to ``out_dir`` in order, one buffer at a time.
-
-    ``write(name, chunk)`` may be called several times per tensor; the bytes of each tensor must
-    add up to its planned size before the next tensor starts.
-    """
-
-    def __init__(self, out_dir: Path, tensors: Sequence[PlannedTensor], max_shard_bytes: int):
-        self.out_dir = out_dir
-        self.shards = plan_shards(tensors, max_shard_bytes)
-        n = len(self.shards)
-        self.names = ["model.safetensors"] if n == 1 else [
-            f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
-        ]
-        self._order: Iterator[tuple[int, PlannedTensor]] = (
-            (i, t) for i, shard in enumerate(self.shards) for t in shard
-        )
-        self._file = None
-        self._shard = -1
-        self._current: PlannedTensor | None = None
-        self._remaining = 0
-
-    def write(self, name: str, chunk: np.ndarray) -> None:
-        if self._remaining == 0:
-            self._next_tensor(name)
-        if self._current is None or self._current.name != name:
-            raise RuntimeError(f"tensor {name!r} written out of order")
-        self._file.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
-        self._remaining -= chunk.nbytes
-        if self._remaining < 0:
-            raise RuntimeError(f"tensor {name!r} got more bytes than planned")
-
-    def _next_tensor(self, name: str) -> None:
-        shard, planned = next(self._order)
-        if shard != self._shard:
-            self._open_shard(shard)
-        self._current, self._remaining = planned, planned.nbytes
-
-    def _open_shard(self, shard: int) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._shard = shard
-        self._file = open(self.out_dir / self.names[shard], "wb")
-        self._file.write(_header_bytes(self.shards[shard]))
-
-    def abort(self) -> None:
-        """Close the open shard after a failure (the caller discards the directory)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def close(self) -> None:
-        """Finish the last shard and write the index when there are several."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._remaining or next(self._order, None) is not None:
-            raise RuntimeError("ShardedWriter closed before every planned tensor was written")
-        if len(self.shards) > 1:
-            self._write_index()
-
-    def _write_index(self) -> None:
-        total = sum(t.nbytes for shard in self.shards for t in shard)
-        weight_map = {t.name: self.names[i] for i, shard in enumerate(self.shards) for t in shard}
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# Support files and provenance
-
-
-def copy_support_files(src: Path, dst: Path) -> list[str]:
-    """Copy tokenizer and generation-config files from ``src``; returns the names copied."""
-    copied = []
-    for name in SUPPORT_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
-
-
-def write_config(dst: Path, config: dict[str, Any], dtype: str | None = None) -> None:
-    """Write ``config.json``; ``dtype`` (a safetensors code) overrides the recorded dtype."""
-    config = dict(config)
-    if dtype is not None and dtype in CONFIG_DTYPE:
-        config["dtype"] = CONFIG_DTYPE[dtype]
-        config.pop("torch_dtype", None)
-    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def parse_size(text: str | int) -> int:
-    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or an int -> bytes."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(text), flags=re.IGNORECASE)
-    if not match:
-        raise SoupkitError(f"bad size {text!r}; use e.g. 5GB, 500MB or 2GiB")
-    number, unit, binary = match.groups()
-    base = 1024 if binary else 1000
-    try:
-        value = float(number)
-    except ValueError:
-        raise SoupkitError(f"bad size {text!r}; use e.g. 5GB, 500MB or 2GiB") from None
-    return int(value * base ** " KMGT".index(unit.upper() or " "))
-
-
-def dir_is_nonempty(path: Path) -> bool:
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
-
-
-@contextmanager
-def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out``; on success it replaces ``out`` by renames.
-
-    Nothing is written at ``out`` until the body succeeds, and an existing non-empty ``out`` is
-    only replaced with ``force``. On failure the temporary directory is removed.
-    """
-    out = Path(out)
-    check_output_free(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is a normal directory
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _replace(tmp, out)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def check_output_free(out: Path, force: bool) -> None:
-    """Refuse an existing non-empty output unless ``force``."""
-    if dir_is_nonempty(out) and not force:
-        raise SoupkitError(f"output {out} already exists and is not empty; pass --force to replace it")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists() or out.is_symlink():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-
-
-def write_provenance(dst: Path, recipe: dict[str, Any], card: str) -> None:
-    """Write the resolved recipe (``soupkit_recipe.yaml``) and the model card (``README.md``)."""
-    import yaml
-
-    from soupkit import __version__
-
-    header = f"# Written by soupkit {__version__}: the resolved recipe that produced this directory.\n"
-    (dst / "soupkit_recipe.yaml").write_text(header + yaml.safe_dump(recipe, sort_keys=False))
-    (dst / "README.md").write_text(card)
