@@ -104,6 +104,9 @@ class MergeSpec(Strict):
     """Largest output shard, e.g. ``5GB`` or ``500MB``."""
     chat_template: ChatTemplate | None = None
     """The soup's chat template: default the ingredients' own (which must agree); chatml or PATH.jinja set one."""
+    output_format: Literal["model", "adapter"] = "model"
+    """``model``: a full checkpoint; ``adapter``: when every ingredient is a LoRA adapter on one base, the exact
+    low-rank soup as one PEFT adapter (their concatenation; ``soupkit.adapters``)."""
 
     @field_validator("chat_template")
     @classmethod
@@ -127,6 +130,8 @@ class MergeSpec(Strict):
             raise ValueError("models: at least one model is needed")
         if self.method in NATIVE_METHODS:
             _check_native(self)
+        elif self.output_format == "adapter":
+            raise ValueError(f"output_format: adapter is a weighted sum of adapters; method {self.method!r} is not")
         return self
 
 

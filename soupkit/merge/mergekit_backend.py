@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from soupkit import adapters
 from soupkit.errors import SoupkitError, did_you_mean
 from soupkit.merge.preflight import MergePlan
 from soupkit.recipe import NATIVE_METHODS, MergeSpec
@@ -128,11 +129,11 @@ def mergekit_config(plan: MergePlan, out_dtype: str) -> dict[str, Any]:
         params = dict(ing.parameters)
         if ing.weight is not None:
             params["weight"] = _mergekit_weight(ing.weight)
-        models.append({"model": str(ckpt.path), **({"parameters": params} if params else {})})
+        models.append({"model": adapters.mergekit_name(ckpt), **({"parameters": params} if params else {})})
     config: dict[str, Any] = {"merge_method": spec.method, "models": models, "dtype": "float32",
                               "out_dtype": out_dtype}
     if plan.base is not None:
-        config["base_model"] = str(plan.base.path)
+        config["base_model"] = adapters.mergekit_name(plan.base)
     if spec.parameters:
         config["parameters"] = dict(spec.parameters)
     return config

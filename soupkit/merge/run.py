@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from soupkit import adapters
 from soupkit.checkpoint import (
     CONFIG_DTYPE,
     DTYPE_NAMES,
@@ -88,7 +89,9 @@ def planned_bytes(plan: MergePlan) -> int:
 
 def _merge_into(plan: MergePlan, tmp: Path, progress: Progress | None) -> None:
     dtype = DTYPE_NAMES[plan.spec.dtype] if plan.spec.dtype else engine.checkpoint_dtype(plan.models[0])
-    if plan.native:
+    if plan.spec.output_format == "adapter":  # the exact low-rank soup (issue #19)
+        adapters.write_adapter_soup(plan, tmp)
+    elif plan.native:
         engine.write_soup(plan, tmp, progress)
         write_config(tmp, plan.source.config, dtype)
     else:
