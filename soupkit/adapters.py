@@ -25,6 +25,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -387,3 +391,17 @@ def mergekit_name(ckpt: Any) -> str:
     if isinstance(ckpt, AdapterCheckpoint):
         return f"{ckpt.adapter.base_path.resolve()}+{ckpt.adapter.path.resolve()}"
     return str(ckpt.path)
+
+
+@contextmanager
+def mergekit_lora_cache(plan: Any, out_dir: Path) -> Iterator[str | None]:
+    """A scratch directory beside the output where mergekit writes each adapter merged into its
+    base (whole models: the native methods avoid this), removed afterwards; None without adapters."""
+    if not any(isinstance(m, AdapterCheckpoint) for m in plan.all_checkpoints()):
+        yield None
+        return
+    cache = Path(tempfile.mkdtemp(prefix=".lora-merge-cache-", dir=out_dir.parent))
+    try:
+        yield str(cache)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)

@@ -148,7 +148,8 @@ def run(plan: MergePlan, out_dir: Path, out_dtype: str) -> None:
     from soupkit.checkpoint import parse_size
 
     config = MergeConfiguration.model_validate(mergekit_config(plan, out_dtype))
-    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=True,
-                           out_shard_size=parse_size(plan.spec.shard_size))
-    logging.getLogger("mergekit").setLevel(logging.WARNING)
-    mergekit_run_merge(config, str(out_dir), options=options)
+    with adapters.mergekit_lora_cache(plan, out_dir) as cache:  # adapters: mergekit merges them there first
+        options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=True,
+                               out_shard_size=parse_size(plan.spec.shard_size), lora_merge_cache=cache)
+        logging.getLogger("mergekit").setLevel(logging.WARNING)
+        mergekit_run_merge(config, str(out_dir), options=options)

@@ -219,3 +219,16 @@ def test_bad_adapters_get_one_line(tmp_path, lora_world):
     with pytest.raises(SoupkitError, match=r"adapts 'model.layers.2.*', which its base .* does not have"):
         soup(tmp_path, [wide, lora_world["b"]])
     assert not (tmp_path / "soup").exists()
+
+
+def test_mergekit_methods_take_adapters(tmp_path, lora_world):
+    """A mergekit method gets ``BASE+ADAPTER`` and merges the adapter itself (its own LoRA path):
+    task arithmetic of two adapters is base + sum of their updates."""
+    spec = {"method": "task_arithmetic", "base": str(lora_world["base"]), "output": str(tmp_path / "ta"),
+            "models": [{"model": str(lora_world[n]), "weight": 1.0} for n in ("a", "b")]}
+    got = load_state(run_merge({"merge": spec}))
+    base = load_state(lora_world["base"])
+    ma, mb = (merged(lora_world["base"], lora_world[n]).state_dict() for n in ("a", "b"))
+    for name, value in got.items():
+        torch.testing.assert_close(value, ma[name] + mb[name] - base[name], rtol=0, atol=1e-6)
+    assert not list(tmp_path.glob(".lora-merge-cache-*"))
