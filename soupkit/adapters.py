@@ -405,3 +405,76 @@ def mergekit_lora_cache(plan: Any, out_dir: Path) -> Iterator[str | None]:
         yield str(cache)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters in a PPO run (soupkit.rlhf.models)
+
+
+def resolve_dir(ref: str, what: str) -> Path:
+    """A model directory, or an adapter directory checked now (its config, factors and base), so
+    a bad adapter fails before any weights load."""
+    if is_adapter_dir(ref):
+        read_adapter(ref, what)
+        return Path(ref).expanduser()
+    return resolve_model_dir(ref, what)
+
+
+def base_dir(path: Path) -> Path:
+    """The directory whose weights a model starts from: an adapter's base, else ``path`` itself."""
+    return read_adapter(str(path)).base_path if is_adapter_dir(path) else path
+
+
+def adapter_dir(path: Path) -> Path | None:
+    return path if is_adapter_dir(path) else None
+
+
+def tokenizer_dir(path: Path) -> Path:
+    return read_adapter(str(path)).tokenizer_dir if is_adapter_dir(path) else path
+
+
+def same_dir(a: Path, b: Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def is_adapter_on(path: Path, base: Path) -> bool:
+    """Whether ``path`` is an adapter whose base is ``base``."""
+    return is_adapter_dir(path) and same_dir(read_adapter(str(path)).base_path, base)
+
+
+def merged_causal_lm(path: Path, dtype: Any, trust_remote_code: bool = False) -> Any:
+    """An adapter merged into its base by PEFT (``merge_and_unload``, in float32), then cast to
+    ``dtype``: a separate full model, for a reference that cannot share the policy's base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = read_adapter(str(path))
+    base = AutoModelForCausalLM.from_pretrained(adapter.base_path, dtype=torch.float32,
+                                                trust_remote_code=trust_remote_code)
+    return PeftModel.from_pretrained(base, path).merge_and_unload().to(dtype)
+
+
+class AdapterReference:
+    """A frozen adapter loaded beside a LoRA policy's trainable one, on the same copy of the base,
+    and read by switching the active adapter for its forward pass: base + reference adapter (the
+    adapter soup, or the policy's own start) with no second copy of the weights. TRL's
+    adapter-disabled reference is the base, which is the right reference only when the policy's
+    adapter starts at zero. Called like a model."""
+
+    training = False
+
+    def __init__(self, peft_model: Any, path: Path):
+        self.model = peft_model
+        self.name = f"frozen-{len(peft_model.peft_config)}"
+        active = peft_model.active_adapter
+        peft_model.load_adapter(str(path), adapter_name=self.name, is_trainable=False)
+        peft_model.set_adapter(active)  # PEFT's set_adapter also restores which factors train
+
+    def __call__(self, **kwargs: Any) -> Any:
+        active = self.model.active_adapter
+        self.model.set_adapter(self.name)
+        try:
+            return self.model(**kwargs)
+        finally:
+            self.model.set_adapter(active)
