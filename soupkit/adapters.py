@@ -442,9 +442,10 @@ def is_adapter_on(path: Path, base: Path) -> bool:
     return is_adapter_dir(path) and same_dir(read_adapter(str(path)).base_path, base)
 
 
-def merged_causal_lm(path: Path, dtype: Any, trust_remote_code: bool = False) -> Any:
-    """An adapter merged into its base by PEFT (``merge_and_unload``, in float32), then cast to
-    ``dtype``: a separate full model, for a reference that cannot share the policy's base."""
+def merged_causal_lm(path: str | Path, dtype: Any, trust_remote_code: bool = False) -> Any:
+    """An adapter (a directory or ``BASE+ADAPTER``) merged into its base by PEFT
+    (``merge_and_unload``, in float32), then cast to ``dtype``: a separate full model, for a
+    reference that cannot share the policy's base, or for the output diagnostics."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -452,7 +453,13 @@ def merged_causal_lm(path: Path, dtype: Any, trust_remote_code: bool = False) ->
     adapter = read_adapter(str(path))
     base = AutoModelForCausalLM.from_pretrained(adapter.base_path, dtype=torch.float32,
                                                 trust_remote_code=trust_remote_code)
-    return PeftModel.from_pretrained(base, path).merge_and_unload().to(dtype)
+    return PeftModel.from_pretrained(base, adapter.path).merge_and_unload().to(dtype)
+
+
+def lm_source(ckpt: Any) -> str | Path:
+    """What to load a checkpoint's causal LM from: an adapter's own reference (its tensors' ``path``
+    is where its tokenizer lives, possibly the base's), else the directory."""
+    return ckpt.ref if isinstance(ckpt, AdapterCheckpoint) else ckpt.path
 
 
 class AdapterReference:

@@ -93,7 +93,11 @@ def load_lm(model_dir: Path, what: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from soupkit import adapters
+
     try:
+        if adapters.is_adapter_ref(str(model_dir)):  # a LoRA adapter, merged into its base (issue #19)
+            return adapters.merged_causal_lm(str(model_dir), torch.float32).eval()
         return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     except Exception as exc:  # noqa: BLE001 - a checkpoint transformers cannot load is bad input
         raise SoupkitError(f"{what} {model_dir}: cannot load as a causal LM ({type(exc).__name__}: {exc})") from None

@@ -232,3 +232,21 @@ def test_mergekit_methods_take_adapters(tmp_path, lora_world):
     for name, value in got.items():
         torch.testing.assert_close(value, ma[name] + mb[name] - base[name], rtol=0, atol=1e-6)
     assert not list(tmp_path.glob(".lora-merge-cache-*"))
+
+
+def test_inspect_reads_adapters_as_their_merged_models(tmp_path, lora_world):
+    """``soupkit inspect`` on adapters measures what it measures on PEFT's merged models."""
+    from soupkit.checkpoint import copy_support_files
+    from soupkit.diagnostics import report
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the cat sat on the mat\na dog ran in the sun\n")
+    full = []
+    for n in ("a", "b"):
+        merged(lora_world["base"], lora_world[n], tmp_path / n)
+        copy_support_files(lora_world["base"], tmp_path / n)
+        full.append(str(tmp_path / n))
+    got = report([str(lora_world["a"]), str(lora_world["b"])], base=str(lora_world["base"]), prompts=texts)
+    want = report(full, base=str(lora_world["base"]), prompts=texts)
+    for key in ("l2", "cosine", "task_cosine", "sign_conflict", "kl", "js", "top1_agreement"):
+        assert got["pairs"][0][key] == pytest.approx(want["pairs"][0][key], rel=1e-5, abs=1e-7), key
