@@ -485,3 +485,34 @@ class AdapterReference:
             return self.model(**kwargs)
         finally:
             self.model.set_adapter(active)
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT runs that train adapters (soupkit.train)
+
+
+def sft_lora_config(spec: Any, tokenizer: Any, where: str) -> Any:
+    """PEFT's ``LoraConfig`` for an ``sft:`` run with ``lora_rank`` (None without). chatml on a
+    vocabulary that lacks its tokens is refused: the new embedding rows would not be in the adapter."""
+    if not spec.lora_rank:
+        return None
+    from peft import LoraConfig
+
+    from soupkit.chat import CHATML_TOKENS
+
+    if spec.chat_template == "chatml" and any(t not in tokenizer.get_vocab() for t in CHATML_TOKENS):
+        raise SoupkitError(f"{where}: lora_rank with chat_template chatml needs a base whose vocabulary has "
+                           f"{', '.join(CHATML_TOKENS)} (an adapter cannot carry new embedding rows)")
+    return LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, target_modules=spec.lora_target_modules,
+                      lora_dropout=0.0, task_type="CAUSAL_LM")
+
+
+def pin_base(adapter_out: Path, base_ref: str) -> None:
+    """Record the base in ``adapter_config.json`` as a user would name it: a local directory as an
+    absolute path (PEFT writes the path it was given, relative to where training ran), a Hub id
+    as the id (not the cache snapshot it was read from)."""
+    file = adapter_out / ADAPTER_CONFIG
+    config = json.loads(file.read_text())
+    local = Path(base_ref).expanduser()
+    config["base_model_name_or_path"] = str(local.resolve()) if local.is_dir() else base_ref
+    file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -330,6 +330,13 @@ class SFTSpec(TrainSpec):
 
     name: str
     """Name of the run, e.g. ``sft-a``."""
+    lora_rank: int = Field(0, ge=0)
+    """Train a LoRA adapter of this rank instead of every weight (peft; 0 = full fine-tuning): the output is an
+    adapter directory, which merge, align and inspect take as they take a model (issue #19)."""
+    lora_alpha: float = Field(16.0, gt=0)
+    """LoRA scale numerator: the adapter's update is scaled by lora_alpha / lora_rank."""
+    lora_target_modules: list[str] | str = "all-linear"
+    """Modules that get LoRA adapters: a list of names, or peft's ``all-linear``."""
 
 
 class RewardModelSpec(TrainSpec):
