@@ -8,9 +8,9 @@ import torch
 
 
 def make_adapter(path: Path, base: Path, seed: int, rank: int = 4, alpha: float = 8.0,
-                 targets: list[str] | str = "all-linear", **lora_kw) -> Path:
-    """Save a LoRA adapter on ``base`` whose factors are random (``init_lora_weights=False``),
-    scaled up so its update is not lost in the base's noise."""
+                 targets: list[str] | str = "all-linear", std: float = 0.3, **lora_kw) -> Path:
+    """Save a LoRA adapter on ``base`` whose factors are random normal with ``std`` (large by
+    default, so its update is not lost in a tiny random base's noise)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -22,7 +22,7 @@ def make_adapter(path: Path, base: Path, seed: int, rank: int = 4, alpha: float 
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
-                param.copy_(torch.randn_like(param) * 0.3)
+                param.copy_(torch.randn_like(param) * std)
     peft_model.save_pretrained(path)
     return path
 
