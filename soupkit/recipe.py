@@ -175,7 +175,7 @@ class AlignSpec(Strict):
     """
 
     ref: list[str]
-    """Frozen KL reference: checkpoint dir or Hub id (a soup, an SFT model); default: merge.output."""
+    """Frozen KL reference: checkpoint dir, Hub id or LoRA adapter dir (a soup, an SFT model); default: merge.output."""
     ref_mode: Literal["soup", "mean_kl"] = "soup"
     """With several refs: ``soup`` averages their weights in memory; ``mean_kl`` averages their KLs."""
     init: str | None = None
@@ -263,7 +263,8 @@ class AlignSpec(Strict):
     trust_remote_code: bool = False
     """Allow model code from the checkpoint dirs (off: it runs arbitrary code)."""
     lora_rank: int = Field(0, ge=0)
-    """LoRA rank of the policy (peft; 0 = full fine-tuning); with init == ref the ref is the base, adapter off."""
+    """LoRA rank of the policy (peft; 0 = full fine-tuning); a ref that is the policy's base is read with the
+    adapter off, a ref that is an adapter on that base as a second, frozen adapter (issue #19)."""
     lora_alpha: float = Field(16.0, gt=0)
     """LoRA scale numerator: the adapter's update is scaled by lora_alpha / lora_rank."""
     lora_target_modules: list[str] | str = "all-linear"

@@ -93,3 +93,20 @@ def test_bad_adapter_reference_fails_before_loading(tmp_path, sft_a, prompts_txt
     (stale / "adapter_config.json").write_text(text)
     with pytest.raises(SoupkitError, match=r"reference .*stale: its base '/nowhere/base' .* is not found"):
         preflight(spec_for(stale, prompts_txt, None, "lora_rank=4", init=str(sft_a)))
+
+
+def test_resume_with_a_reference_adapter_reaches_the_same_policy(tmp_path, sft_a, prompts_txt, adapter_soups):
+    """A checkpoint holds the trained adapter; the reference adapter is loaded again from its own
+    directory on resume, and the resumed run ends where the uninterrupted one did."""
+    spec = spec_for(adapter_soups["low"], prompts_txt, None, "lora_rank=4", init=str(sft_a), steps=2,
+                    save_every=1, keep_checkpoints=0, learning_rate=1e-2)
+    out = tmp_path / "run"
+    final = load_state(train(spec, out=out))
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "final")
+    assert sorted(p.name for p in (again / "checkpoints").iterdir()) == ["step-1"]
+    resumed = load_state(train(spec, out=again, resume=True))
+    for name, tensor in final.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=1e-5)
+    assert metrics(again)[1]["kl"] == pytest.approx(metrics(out)[1]["kl"], abs=1e-6)
