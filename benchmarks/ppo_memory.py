@@ -31,6 +31,8 @@ MODES = {
     "--lora-rank 16": ["--lora-rank", "16"],
     "--lora-rank 16 --bf16": ["--lora-rank", "16", "--bf16"],
     "--lora-rank 16 --bf16 --gradient-checkpointing": ["--lora-rank", "16", "--bf16", "--gradient-checkpointing"],
+    "SALSA --lora-rank 16, --ref the full soup": ["--lora-rank", "16", "--ref", "{full}"],
+    "SALSA --lora-rank 16, --ref the adapter soup": ["--lora-rank", "16", "--ref", "{low}"],
     "SALSA --lora-rank 16 --bf16, --ref the full soup": ["--lora-rank", "16", "--bf16", "--ref", "{full}"],
     "SALSA --lora-rank 16 --bf16, --ref the adapter soup": ["--lora-rank", "16", "--bf16", "--ref", "{low}"],
 }

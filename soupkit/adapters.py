@@ -102,7 +102,8 @@ class Adapter:
     tensors: dict[str, TensorInfo]
     modules: dict[str, LoraModule] = field(default_factory=dict)
     replaced: dict[str, str] = field(default_factory=dict)
-    """Base tensor -> adapter tensor stored whole (PEFT's ``modules_to_save``)."""
+    """Base tensor -> adapter tensor stored whole (PEFT's ``modules_to_save``, or the embedding
+    layer it saves with embedding LoRA), which replaces the base's as it does in PEFT."""
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -176,7 +177,8 @@ def _index(adapter: Adapter, what: str) -> None:
         name = key.removeprefix(PREFIX)
         factor = next((f for f in FACTORS if name.endswith("." + f)), None)
         if factor is None:
-            adapter.replaced[name.replace(".modules_to_save", "")] = key
+            # modules_to_save, or an embedding layer PEFT saved whole beside its LoRA factors
+            adapter.replaced[name.replace(".modules_to_save", "").replace(".base_layer", "")] = key
             continue
         module = name[: -len(factor) - 1]
         halves.setdefault(module, {})[FACTORS[factor]] = key
@@ -213,15 +215,14 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 
 class Materialised:
-    """A flat view of ``base + s * B @ A`` (or of a tensor the adapter stores whole) that computes
-    the float32 elements of a slice when asked; the engine reads it chunk by chunk."""
+    """A flat view of ``base + s * B @ A`` (or of ``base`` alone: a tensor the adapter stores whole)
+    that computes the float32 elements of a slice when asked; the engine reads it chunk by chunk."""
 
-    def __init__(self, base: np.ndarray | None, base_dtype: str, shape: tuple[int, ...],
-                 a: np.ndarray | None = None, b: np.ndarray | None = None, scale: float = 1.0,
-                 transpose: bool = False, whole: tuple[np.ndarray, str] | None = None):
+    def __init__(self, base: np.ndarray, base_dtype: str, shape: tuple[int, ...], a: np.ndarray | None = None,
+                 b: np.ndarray | None = None, scale: float = 1.0, transpose: bool = False):
         self.base, self.base_dtype, self.shape = base, base_dtype, shape
         self.size = math.prod(shape)
-        self.scale, self.transpose, self.whole = scale, transpose, whole
+        self.scale, self.left, self.right = scale, None, None
         if a is not None and b is not None:  # float64 factors: the r-term sums carry no fp32 rounding
             self.left = (a.T if transpose else b).astype(np.float64)
             self.right = (b.T if transpose else a).astype(np.float64)
@@ -230,11 +231,9 @@ class Materialised:
         from soupkit.merge.engine import widen
 
         start, stop, _ = item.indices(self.size)
-        if self.whole is not None:
-            data, dtype = self.whole
-            return widen(data[start:stop], dtype, np.empty(stop - start, np.float32))
         out = widen(self.base[start:stop], self.base_dtype, np.empty(stop - start, np.float32))
-        out += self.delta(start, stop)
+        if self.left is not None:
+            out += self.delta(start, stop)
         return out
 
     def delta(self, start: int, stop: int) -> np.ndarray:
@@ -261,15 +260,15 @@ class AdapterCheckpoint:
 
     def array(self, name: str) -> np.ndarray | Materialised:
         info = self.base.tensors[name]
-        module = self.adapter.modules.get(name)
-        if name in self.adapter.replaced:
-            key = self.adapter.replaced[name]
-            return Materialised(None, info.dtype, info.shape,
-                                whole=(self._weights.array(key), self.adapter.tensors[key].dtype))
-        if module is None:
+        key, module = self.adapter.replaced.get(name), self.adapter.modules.get(name)
+        if key is None and module is None:
             return self.base.array(name)
-        a, b = (self.factor(module.a), self.factor(module.b))
-        return Materialised(self.base.array(name), info.dtype, info.shape, a, b, module.scale, module.transpose)
+        base, dtype = (self._weights.array(key), self.adapter.tensors[key].dtype) if key else \
+            (self.base.array(name), info.dtype)
+        if module is None:
+            return Materialised(base, dtype, info.shape)
+        a, b = self.factor(module.a), self.factor(module.b)
+        return Materialised(base, dtype, info.shape, a, b, module.scale, module.transpose)
 
     def factor(self, key: str) -> np.ndarray:
         """A factor as a float32 matrix."""
@@ -330,7 +329,8 @@ def check_adapter_soup(models: list[Any]) -> None:
                                "an adapter soup needs every ingredient to be one")
         if model.adapter.replaced:
             raise SoupkitError(f"merge.output_format adapter: {model.ref} stores "
-                               f"{next(iter(model.adapter.replaced))!r} whole (modules_to_save); use output_format: model")
+                               f"{next(iter(model.adapter.replaced))!r} whole (modules_to_save, or a saved embedding "
+                               "layer); use output_format: model")
     first = models[0].adapter
     for model in models[1:]:
         diff = set(first.modules) ^ set(model.adapter.modules)

@@ -250,3 +250,12 @@ def test_inspect_reads_adapters_as_their_merged_models(tmp_path, lora_world):
     want = report(full, base=str(lora_world["base"]), prompts=texts)
     for key in ("l2", "cosine", "task_cosine", "sign_conflict", "kl", "js", "top1_agreement"):
         assert got["pairs"][0][key] == pytest.approx(want["pairs"][0][key], rel=1e-5, abs=1e-7), key
+
+
+def test_embedding_adapter_matches_peft(tmp_path, lora_world):
+    """LoRA on an embedding stores A as r x vocab and B as dim x r: the update is (B A)^T."""
+    emb = make_adapter(tmp_path / "emb", lora_world["base"], seed=8, targets=["embed_tokens", "q_proj"])
+    got = load_state(soup(tmp_path, [emb, lora_world["a"]]))
+    want = [merged(lora_world["base"], m).state_dict() for m in (emb, lora_world["a"])]
+    for name, value in got.items():
+        torch.testing.assert_close(value, (want[0][name] + want[1][name]) / 2, rtol=0, atol=1e-6)
