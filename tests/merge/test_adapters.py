@@ -259,3 +259,14 @@ def test_embedding_adapter_matches_peft(tmp_path, lora_world):
     want = [merged(lora_world["base"], m).state_dict() for m in (emb, lora_world["a"])]
     for name, value in got.items():
         torch.testing.assert_close(value, (want[0][name] + want[1][name]) / 2, rtol=0, atol=1e-6)
+
+
+def test_cli_bad_adapter_is_one_line_and_writes_nothing(tmp_path, lora_world):
+    from tests.merge.test_bad_input import assert_clean_error, recipe, run_cli
+
+    out = tmp_path / "soup"
+    other = make_adapter(tmp_path / "other", make_model(tmp_path / "other-base", seed=9), seed=1)
+    result = run_cli(tmp_path, recipe([lora_world["a"], other], out))
+    assert_clean_error(result, r"adapters on different bases", out)
+    result = run_cli(tmp_path, recipe([lora_world["a"], lora_world["attn"]], out, output_format="adapter"))
+    assert_clean_error(result, r"different target modules", out)
