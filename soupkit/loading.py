@@ -82,13 +82,19 @@ def generation_tokenizer(path: Path, what: str, trust_remote_code: bool = False)
 
 def causal_lm(path: Path, what: str, dtype: Any = None, device: Any = "cpu", trust_remote_code: bool = False) -> Any:
     """A causal LM (float32 unless ``dtype``: CPU matmuls in bf16 are slow and less exact) on
-    ``device``, in eval mode (no dropout)."""
+    ``device``, in eval mode (no dropout). ``path`` may be a LoRA adapter (``soupkit.adapters``):
+    it is merged into its base."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from soupkit import adapters
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
+        if adapters.is_adapter_ref(str(path)):  # a LoRA adapter, merged into its base
+            model = adapters.merged_causal_lm(str(path), dtype or torch.float32, trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - a checkpoint transformers cannot load is bad input
         raise SoupkitError(f"{what} {path}: cannot load as a causal LM ({type(exc).__name__}: {exc})") from None
     return model.eval().to(device)

@@ -104,6 +104,9 @@ class MergeSpec(Strict):
     """Largest output shard, e.g. ``5GB`` or ``500MB``."""
     chat_template: ChatTemplate | None = None
     """The soup's chat template: default the ingredients' own (which must agree); chatml or PATH.jinja set one."""
+    output_format: Literal["model", "adapter"] = "model"
+    """``model``: a full checkpoint; ``adapter``: when every ingredient is a LoRA adapter on one base, the exact
+    low-rank soup as one PEFT adapter (their concatenation; ``soupkit.adapters``)."""
 
     @field_validator("chat_template")
     @classmethod
@@ -127,6 +130,8 @@ class MergeSpec(Strict):
             raise ValueError("models: at least one model is needed")
         if self.method in NATIVE_METHODS:
             _check_native(self)
+        elif self.output_format == "adapter":
+            raise ValueError(f"output_format: adapter is a weighted sum of adapters; method {self.method!r} is not")
         return self
 
 
@@ -170,7 +175,7 @@ class AlignSpec(Strict):
     """
 
     ref: list[str]
-    """Frozen KL reference: checkpoint dir or Hub id (a soup, an SFT model); repeat for several; default: merge.output."""
+    """Frozen KL reference: checkpoint dir, Hub id or LoRA adapter dir (a soup, an SFT model); repeat for several; default: merge.output."""
     ref_mode: Literal["soup", "mean_kl"] = "soup"
     """With several refs: ``soup`` averages their weights in memory; ``mean_kl`` averages their KLs."""
     init: str | None = None
@@ -258,7 +263,8 @@ class AlignSpec(Strict):
     trust_remote_code: bool = False
     """Allow model code from the checkpoint dirs (off: it runs arbitrary code)."""
     lora_rank: int = Field(0, ge=0)
-    """LoRA rank of the policy (peft; 0 = full fine-tuning); with init == ref the ref is the base, adapter off."""
+    """LoRA rank of the policy (peft; 0 = full fine-tuning); a ref that is the policy's base is read with the
+    adapter off, a ref that is an adapter on that base as a second, frozen adapter (issue #19)."""
     lora_alpha: float = Field(16.0, gt=0)
     """LoRA scale numerator: the adapter's update is scaled by lora_alpha / lora_rank."""
     lora_target_modules: list[str] | str = "all-linear"
@@ -327,6 +333,13 @@ class SFTSpec(TrainSpec):
 
     name: str
     """Name of the run, e.g. ``sft-a``."""
+    lora_rank: int = Field(0, ge=0)
+    """Train a LoRA adapter of this rank instead of every weight (peft; 0 = full fine-tuning): the output is an
+    adapter directory, which merge, align and inspect take as they take a model (issue #19)."""
+    lora_alpha: float = Field(16.0, gt=0)
+    """LoRA scale numerator: the adapter's update is scaled by lora_alpha / lora_rank."""
+    lora_target_modules: list[str] | str = "all-linear"
+    """Modules that get LoRA adapters: a list of names, or peft's ``all-linear``."""
 
 
 class RewardModelSpec(TrainSpec):

@@ -141,3 +141,30 @@ def test_interrupted_align_run_without_checkpoint_starts_again(tmp_path, llama_p
     assert report["align"] == ["ran"]
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert (run / MARKER).is_file()
+
+
+def test_lora_recipe_sft_adapters_to_adapter_soup_to_align(tmp_path, llama_pair):
+    """issue #19, end to end: two LoRA SFT runs, their exact adapter soup, PPO with a LoRA policy
+    that starts from the soup adapter. Its reference is base + a frozen copy of that adapter (not
+    the adapter-disabled base), so the step-0 KL is exactly 0."""
+    from tests.rlhf.conftest import good_words_ref
+
+    rows = [{"prompt": "the cat", "completion": " sat on the mat"}, {"prompt": "a dog", "completion": " ran"}] * 8
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "p.txt").write_text("the cat\na dog\nthe bird\na fish\n")
+    sft = {"base": str(llama_pair[0]), "data": str(tmp_path / "d.jsonl"), "lora_rank": 4, "lora_alpha": 8,
+           "learning_rate": 1e-2, "batch_size": 8, "max_length": 32, "save_steps": 0}
+    recipe = load_recipe({
+        "sft": [{**sft, "name": n, "seed": s, "output": str(tmp_path / n)} for n, s in (("sft-a", 1), ("sft-b", 2))],
+        "merge": {"models": [str(tmp_path / "sft-a"), str(tmp_path / "sft-b")], "output_format": "adapter",
+                  "output": str(tmp_path / "soup")},
+        "align": {"reward": good_words_ref(), "prompts": str(tmp_path / "p.txt"), "output": str(tmp_path / "ppo"),
+                  "lora_rank": 4, "steps": 1, "batch_size": 4, "max_new_tokens": 4, "ppo_epochs": 1,
+                  "save_every": 0, "temperature": 1.0},
+    })
+    run_pipeline(recipe, log=lambda _: None)
+    assert json.loads((tmp_path / "soup" / "adapter_config.json").read_text())["r"] == 8
+    run = tmp_path / "ppo" / "align" / "seed-0"
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["kl"] == 0.0
+    assert (run / "final" / "model.safetensors").is_file()

@@ -15,6 +15,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from soupkit.adapters import lm_source
 from soupkit.chat import checked_setting, render, use_template
 from soupkit.errors import SoupkitError
 from soupkit.formats import Prompt
@@ -159,7 +160,7 @@ def output_pass(inp: Inputs, pairs: list[dict[str, Any]], want_path: bool, point
     template = use_template(tok, inp.chat_template, f"model {inp.refs[inp.order[0]]}")
     texts = render(tok, inp.texts or [], template, "--prompts")
     ids = encode(tok, texts, special_tokens=template is None)  # a template writes its own special tokens
-    lms = {i: causal_lm(inp.ckpts[i].path, f"model {i + 1}") for i in inp.order}
+    lms = {i: causal_lm(lm_source(inp.ckpts[i]), f"model {i + 1}") for i in inp.order}
     stats, _ = output_stats([lms[i] for i in inp.order], ids, pad_id(tok), progress)
     for pair, s in zip(pairs, stats):
         pair.update(s)
@@ -177,7 +178,7 @@ def path_pass(inp: Inputs, lms: dict[int, Any], tok: Any, ids: list[list[int]], 
 
     corners = inp.ingredients[:3]
     sources = [P.snapshot(lms[i]) for i in corners]
-    work = causal_lm(inp.ckpts[corners[0]].path, "model")
+    work = causal_lm(lm_source(inp.ckpts[corners[0]]), "model")
     score = path_reward(inp, inp.ckpts[corners[0]].path) if inp.reward is not None else None
     out = {"a": inp.refs[corners[0]], "b": inp.refs[corners[1]],
            **P.line(work, sources[:2], ids, pad_id(tok), points, score, progress)}

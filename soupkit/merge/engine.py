@@ -38,8 +38,9 @@ class Buffers:
 
 
 def widen(src: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
-    """Exact float32 copy of a float chunk stored as ``dtype`` (bf16 arrives as uint16)."""
-    if dtype == "BF16":
+    """Exact float32 copy of a float chunk stored as ``dtype`` (bf16 arrives as uint16; a chunk
+    already in float32, such as an adapter's materialised tensor, is copied as it is)."""
+    if dtype == "BF16" and src.dtype == np.uint16:
         bits = out.view(np.uint32)
         np.copyto(bits, src, casting="unsafe")
         np.left_shift(bits, 16, out=bits)

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from soupkit import adapters
 from soupkit.errors import SoupkitError, did_you_mean
 from soupkit.merge.preflight import MergePlan
 from soupkit.recipe import NATIVE_METHODS, MergeSpec
@@ -128,11 +129,11 @@ def mergekit_config(plan: MergePlan, out_dtype: str) -> dict[str, Any]:
         params = dict(ing.parameters)
         if ing.weight is not None:
             params["weight"] = _mergekit_weight(ing.weight)
-        models.append({"model": str(ckpt.path), **({"parameters": params} if params else {})})
+        models.append({"model": adapters.mergekit_name(ckpt), **({"parameters": params} if params else {})})
     config: dict[str, Any] = {"merge_method": spec.method, "models": models, "dtype": "float32",
                               "out_dtype": out_dtype}
     if plan.base is not None:
-        config["base_model"] = str(plan.base.path)
+        config["base_model"] = adapters.mergekit_name(plan.base)
     if spec.parameters:
         config["parameters"] = dict(spec.parameters)
     return config
@@ -147,7 +148,8 @@ def run(plan: MergePlan, out_dir: Path, out_dtype: str) -> None:
     from soupkit.shards import parse_size
 
     config = MergeConfiguration.model_validate(mergekit_config(plan, out_dtype))
-    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=True,
-                           out_shard_size=parse_size(plan.spec.shard_size))
-    logging.getLogger("mergekit").setLevel(logging.WARNING)
-    mergekit_run_merge(config, str(out_dir), options=options)
+    with adapters.mergekit_lora_cache(plan, out_dir) as cache:  # adapters: mergekit merges them there first
+        options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=True,
+                               out_shard_size=parse_size(plan.spec.shard_size), lora_merge_cache=cache)
+        logging.getLogger("mergekit").setLevel(logging.WARNING)
+        mergekit_run_merge(config, str(out_dir), options=options)

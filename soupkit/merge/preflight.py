@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from soupkit import adapters
 from soupkit.errors import SoupkitError
 from soupkit.loading import tokenizer_vocab, vocab_difference, vocab_size
 from soupkit.merge import weights as W
@@ -58,6 +59,9 @@ def preflight(spec: MergeSpec, output: Path, force: bool = False, allow_pickle: 
     models = [open_ingredient(ing.model, f"merge.models[{i}]", allow_pickle) for i, ing in enumerate(spec.models)]
     base = open_ingredient(spec.base, "merge.base", allow_pickle) if spec.base else None
     everyone = models + ([base] if base else [])
+    adapters.check_same_bases(models)
+    if spec.output_format == "adapter":
+        adapters.check_adapter_soup(models)
     check_same_architecture(everyone)
     check_same_vocabulary(everyone)
     names = check_same_tensors(everyone)
@@ -72,8 +76,11 @@ def preflight(spec: MergeSpec, output: Path, force: bool = False, allow_pickle: 
 
 
 def open_ingredient(ref: str, where: str, allow_pickle: bool) -> Checkpoint:
-    """``open_checkpoint`` with OS errors (permissions, I/O) turned into a named SoupkitError."""
+    """``open_checkpoint`` with OS errors (permissions, I/O) turned into a named SoupkitError; a
+    LoRA adapter (or ``BASE+ADAPTER``) opens as its base with the adapter applied (issue #19)."""
     try:
+        if adapters.is_adapter_ref(ref):
+            return adapters.open_adapter(ref, where)
         return open_checkpoint(ref, allow_pickle=allow_pickle, what=where)
     except SoupkitError:
         raise

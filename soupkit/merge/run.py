@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from soupkit import adapters
 from soupkit.errors import SoupkitError
 from soupkit.locking import check_not_being_written, writing
 from soupkit.merge import engine, mergekit_backend
@@ -82,7 +83,9 @@ def planned_bytes(plan: MergePlan) -> int:
 
 def _merge_into(plan: MergePlan, tmp: Path, progress: Progress | None) -> None:
     dtype = DTYPE_NAMES[plan.spec.dtype] if plan.spec.dtype else engine.checkpoint_dtype(plan.models[0])
-    if plan.native:
+    if plan.spec.output_format == "adapter":  # the exact low-rank soup (issue #19)
+        adapters.write_adapter_soup(plan, tmp)
+    elif plan.native:
         engine.write_soup(plan, tmp, progress)
         write_config(tmp, plan.source.config, dtype)
     else:

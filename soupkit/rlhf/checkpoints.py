@@ -235,13 +235,13 @@ def write_final(run: Run) -> Path:
     weights = full_state_dicts(run.trained, TRAINED)  # a collective when sharded
     if acc.is_main_process:
         with write_errors(final, kept(run)), atomic_output_dir(final, force=True) as tmp:
-            _plain_policy(run.models.policy).save_pretrained(tmp, state_dict=weights and weights[TRAINED[0]])
+            plain_policy(run.models.policy).save_pretrained(tmp, state_dict=weights and weights[TRAINED[0]])
             run.models.tokenizer.save_pretrained(tmp)
             write_provenance(tmp, {"align": run.spec.model_dump(mode="json")}, _card(run))
     return final
 
 
-def _plain_policy(policy: Any) -> Any:
+def plain_policy(policy: Any) -> Any:
     """The policy as a plain transformers model: a LoRA adapter is merged into its base (the last
     use of the policy, so merging in place is fine)."""
     return policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from soupkit import adapters
 from soupkit.chat import own_template, policy_chat, render
 from soupkit.errors import SoupkitError
 from soupkit.formats import Prompt
@@ -34,7 +35,7 @@ from soupkit.loading import (
     vocab_difference,
     vocab_size,
 )
-from soupkit.modeldir import read_config, resolve_model_dir
+from soupkit.modeldir import read_config
 from soupkit.recipe import AlignSpec
 from soupkit.rlhf.prompts import load_prompts
 from soupkit.rlhf.reward import (
@@ -61,9 +62,9 @@ class Sources:
 
 def preflight(spec: AlignSpec) -> Sources:
     """Resolve and check all inputs (paths, vocabularies, prompts, reward) before heavy work."""
-    refs = [resolve_model_dir(ref, "reference") for ref in spec.ref]
-    init = resolve_model_dir(spec.init, "init (policy start)") if spec.init else refs[0]
-    watch = {name: resolve_model_dir(path, f"watch model {name!r}") for name, path in spec.watch.items()}
+    refs = [adapters.resolve_dir(ref, "reference") for ref in spec.ref]
+    init = adapters.resolve_dir(spec.init, "init (policy start)") if spec.init else refs[0]
+    watch = {name: adapters.resolve_dir(path, f"watch model {name!r}") for name, path in spec.watch.items()}
     policy_vocab = _vocab_size(init, "policy init")
     for label, path in [("reference", r) for r in refs] + [(f"watch model {n!r}", p) for n, p in watch.items()]:
         if _vocab_size(path, label) != policy_vocab:
@@ -80,7 +81,7 @@ def preflight(spec: AlignSpec) -> Sources:
 
 
 def _vocab_size(path: Path, label: str) -> int:
-    size = vocab_size(read_config(path))
+    size = vocab_size(read_config(adapters.base_dir(path)))
     if not isinstance(size, int):
         raise SoupkitError(f"{label} {path}: config.json has no vocab_size")
     return size
@@ -124,7 +125,8 @@ class ValueModel(torch.nn.Module):
 def load_models(spec: AlignSpec, sources: Sources, device: Any, resume_dir: Path | None = None) -> Models:
     """Load every model; from ``resume_dir`` (a checkpoint) for policy and critic. Trained models
     go to ``device``; frozen ones too, or to the CPU with ``offload_frozen``."""
-    chat = policy_chat(sources.init, spec.chat_template, f"policy init {sources.init}", spec.trust_remote_code)
+    chat = policy_chat(adapters.tokenizer_dir(sources.init), spec.chat_template, f"policy init {sources.init}",
+                       spec.trust_remote_code)
     tokenizer = chat.tokenizer
     texts = render(tokenizer, sources.prompts, chat.template, f"prompts {spec.prompts}")
     check_prompts(tokenizer, texts)
@@ -159,13 +161,16 @@ def _policy(spec: AlignSpec, sources: Sources, device: Any, resume_dir: Path | N
     """The full model (fp32: the optimiser's master weights), or a LoRA adapter on a frozen base."""
     if not spec.lora_rank:
         return _causal_lm(resume_dir / "policy" if resume_dir else sources.init, spec, device, what="policy")
-    base = _causal_lm(sources.init, spec, device, frozen_dtype(spec))
-    return with_lora(base, spec, resume_dir / "policy" if resume_dir else None)
+    base = _causal_lm(adapters.base_dir(sources.init), spec, device, frozen_dtype(spec))
+    start = resume_dir / "policy" if resume_dir else adapters.adapter_dir(sources.init)
+    return with_lora(base, spec, start)
 
 
 def with_lora(base: Any, spec: AlignSpec, adapter_dir: Path | None = None) -> Any:
     """``base`` frozen with a trainable LoRA adapter (Hu et al. 2021, arXiv 2106.09685); B starts
-    at 0, so the policy starts exactly at the base. Dropout 0: every model runs in eval mode."""
+    at 0, so the policy starts exactly at the base, unless ``adapter_dir`` gives the adapter to
+    start from (a checkpoint, or an ``--init`` adapter with its own rank). Dropout 0: every model
+    runs in eval mode."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter_dir is not None:
@@ -198,8 +203,10 @@ def _reference(path: Path, spec: AlignSpec, sources: Sources, policy: Any, resum
     more copy of the weights, in bf16 with ``bf16``, on the CPU between passes with ``offload_frozen``.
     """
     shared_base = len(sources.refs) == 1 or spec.ref_mode == "mean_kl"  # a soup is built in place
-    if spec.lora_rank and path == sources.init and shared_base:
-        return AdapterDisabled(policy)
+    if spec.lora_rank and shared_base and adapters.same_dir(path, adapters.base_dir(sources.init)):
+        return AdapterDisabled(policy)  # the policy's base itself: right only for the base (issue #19)
+    if spec.lora_rank and shared_base and adapters.is_adapter_on(path, adapters.base_dir(sources.init)):
+        return adapters.AdapterReference(policy, path)  # base + a frozen second adapter: one copy of the base
     if path == sources.init and not spec.lora_rank and resume_dir is None and not zero3_loading():
         return freeze(copy.deepcopy(policy).to(home, frozen_dtype(spec)))
     return freeze(_causal_lm(path, spec, home, frozen_dtype(spec)))
@@ -308,7 +315,7 @@ def _critic(spec: AlignSpec, sources: Sources, reward: Any, resume_dir: Path | N
         return ValueModel(seq_cls(resume_dir / "critic", "critic", None, device, spec.trust_remote_code))
     if isinstance(reward, ModelReward) and reward.tokenizer is None:
         return ValueModel(seq_cls(sources.reward_dir, "reward model", None, device, spec.trust_remote_code))
-    model = seq_cls(sources.init, "policy init", None, device, spec.trust_remote_code)
+    model = seq_cls(adapters.base_dir(sources.init), "policy init", None, device, spec.trust_remote_code)
     with torch.no_grad(), full_weights(model.score, modify=True):
         for param in model.score.parameters():
             param.zero_()

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from soupkit import adapters
 from soupkit.chat import own_template, template_text, use_template
 from soupkit.errors import SoupkitError
 from soupkit.formats import is_conversational, preference_pair, sft_example
@@ -124,15 +125,18 @@ def train_sft(spec: SFTSpec, *, force: bool = False, progress: Progress | None =
     rows = read_examples(spec.data, spec.split, sft_example, f"{where}.data")
     tokenizer = AutoTokenizer.from_pretrained(base)
     check_template(tokenizer, spec.chat_template, rows[0], where, base)
+    lora = adapters.sft_lora_config(spec, tokenizer, where)  # None: full fine-tuning (issue #19)
     start = _start(spec, out, force, "sft", log)
     with _output_dir(out, force) as tmp:
         model = AutoModelForCausalLM.from_pretrained(base)
         use_template(tokenizer, spec.chat_template, where, model)
         args = _args(SFTConfig, spec, out, completion_only_loss=None)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=lora)
         _fit(trainer, progress, out, start)
         card = f"# {spec.name}\n\nSFT of `{spec.base}` on `{spec.data}` (seed {spec.seed}) with soupkit.\n"
         _save(trainer, tokenizer, tmp, "sft", spec, card)
+        if lora is not None:
+            adapters.pin_base(tmp, spec.base)
     resume.finish(out)
     return out
 

@@ -41,7 +41,7 @@ def sft(tmp_path: Path, base: Path, name: str, seed: int, **kw) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = _jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
     spec = SFTSpec(name=name, base=str(base), data=str(data), output=str(tmp_path / name), seed=seed,
-                   learning_rate=5e-3, batch_size=8, epochs=4, max_length=32, **kw)
+                   **{"learning_rate": 5e-3, "batch_size": 8, "epochs": 4, "max_length": 32, **kw})
     return train_sft(spec)
 
 
@@ -124,3 +124,31 @@ def test_reward_model_trains_on_ultrafeedback_binarized_rows(tmp_path, base):
     out = train_reward_model(RewardModelSpec(base=str(sft_dir), data=str(data), output=str(tmp_path / "rm"),
                                              batch_size=8, max_length=32))
     assert (out / "chat_template.jinja").is_file()
+
+
+def test_lora_sft_writes_an_adapter_that_merges_and_learns(tmp_path, base):
+    """``lora_rank`` trains a PEFT adapter (TRL + PEFT); it records its base by absolute path and
+    the rest of soupkit reads it as the merged model (checked against PEFT's merge_and_unload)."""
+    from soupkit import run_merge
+    from tests.lora import merged
+
+    out = sft(tmp_path, base, "lora", seed=1, lora_rank=4, lora_alpha=8, learning_rate=3e-2, epochs=16)
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "soupkit_recipe.yaml"} <= names
+    assert "model.safetensors" not in names  # the adapter only, not a copy of the base
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base.resolve()) and config["r"] == 4
+    whole = merged(base, out, tmp_path / "whole")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(out).save_pretrained(tmp_path / "whole")
+    # smoke: a rank-4 adapter on a 16-wide model learns slowly (measured 4.18 -> 3.93); it trained
+    assert _completion_loss(tmp_path / "whole") < _completion_loss(base) - 0.15
+    soup = load_state(run_merge({"merge": {"models": [str(out), str(out)], "output": str(tmp_path / "soup")}}))
+    for name, value in whole.state_dict().items():
+        torch.testing.assert_close(soup[name], value, rtol=0, atol=1e-6)
+
+
+def test_lora_sft_refuses_chatml_tokens_it_cannot_carry(tmp_path, base):
+    with pytest.raises(SoupkitError, match=r"sft\[c\]: lora_rank with chat_template chatml needs a base"):
+        sft(tmp_path, base, "c", seed=1, lora_rank=4, chat_template="chatml")
