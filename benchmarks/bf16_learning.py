@@ -1,15 +1,20 @@
 """Does bf16 (``bf16: auto`` on hardware with native bf16) learn as well as fp32? A 40-step PPO run on
 a hidden-reward task, 3 seeds each, fp32 (``--no-bf16``) against bf16 (``--bf16``).
 
-The task: SmolLM2-135M-Instruct (``soupkit.realmodel``) answers capital-city questions of the demo's
-chat world (``soupkit/demo/chat_world.py``: 16 prompts, rendered with the model's chat template),
-trained against the world's hidden gold reward (1 for naming the right capital, minus 0.01 a word
-past ten words) as a reward function, 8 prompts a step, up to 24 new tokens, kl_coef 0.05, policy
-and reference the instruct model itself. The reward gain of a run is the mean reward of its last 5
-steps minus that of its first 5. The check: the bf16 runs' mean gain lies within the spread (min to
-max) of the fp32 runs' gains.
+Two tasks (``--world``), each trained directly against its world's hidden gold reward (a function
+the policy never sees, passed as ``--reward module:function``), policy and reference the same model:
 
-Run:  python benchmarks/bf16_learning.py [--steps 40] [--seeds 0 1 2] [--threads 2]
+- ``toy``: the SFT model of ``soupkit demo`` (``--demo DIR``, an output of ``soupkit demo``; built
+  with ``soupkit demo --small`` when missing) on the demo's prompts; gold reward = the demo world's
+  (``soupkit/demo/world.py``); 16 prompts a step, 24 new tokens at temperature 1, learning rate 3e-4.
+- ``smollm2``: SmolLM2-135M-Instruct (``soupkit.realmodel``) on the 16 capital-city questions of the
+  chat world (``soupkit/demo/chat_world.py``, the model's chat template), gold reward 1 for naming the
+  right capital minus 0.01 a word past ten; 8 prompts a step, 24 new tokens, learning rate 5e-6.
+
+kl_coef 0.05. The reward gain of a run is the mean reward of its last 5 steps minus that of its
+first 5. The check: the bf16 runs' mean gain lies within the spread (min to max) of the fp32 gains.
+
+Run:  python benchmarks/bf16_learning.py [--world toy] [--steps 40] [--seeds 0 1 2] [--threads 1]
 """
 
 from __future__ import annotations
@@ -32,30 +37,45 @@ def gain(metrics: Path, window: int = 5) -> tuple[float, list[float]]:
     return statistics.fmean(rewards[-window:]) - statistics.fmean(rewards[:window]), rewards
 
 
+def task(world: str, work: Path, demo: Path | None) -> list[str]:
+    """The model, prompts, reward and sampling flags of a world."""
+    if world == "smollm2":
+        from soupkit.demo.chat_world import TRAIN, prompt_rows, write_jsonl
+        from soupkit.realmodel import smollm2
+
+        prompts = write_jsonl(work / "prompts.jsonl", prompt_rows(TRAIN))
+        return ["--ref", str(smollm2()), "--prompts", str(prompts), "--reward", "soupkit.demo.chat_world:gold_reward",
+                "--batch-size", "8", "--max-new-tokens", "24", "--learning-rate", "5e-6"]
+    demo = demo or work / "demo"
+    if not (demo / "sft-a").is_dir():
+        subprocess.run([sys.executable, "-m", "soupkit", "demo", "--small", "--out", str(demo)], check=True,
+                       capture_output=True)
+    return ["--ref", str(demo / "sft-a"), "--prompts", str(demo / "data" / "prompts.jsonl"),
+            "--reward", "soupkit.demo.world:gold_reward", "--batch-size", "16", "--max-new-tokens", "24",
+            "--temperature", "1.0", "--learning-rate", "3e-4"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", choices=("toy", "smollm2"), default="toy")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--learning-rate", type=float, default=5e-6)
-    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "bf16-learning")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--demo", type=Path, default=None, help="a soupkit demo output (toy world)")
+    parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
-    from soupkit.demo.chat_world import TRAIN, prompt_rows, write_jsonl
-    from soupkit.realmodel import smollm2
-
-    model = smollm2()
-    prompts = write_jsonl(args.work / "prompts.jsonl", prompt_rows(TRAIN))
+    work = (args.work or ROOT / "benchmarks" / ".work" / f"bf16-learning-{args.world}").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    flags = task(args.world, work, args.demo)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1"}
+    env.pop("SOUPKIT_NATIVE_BF16", None)
     results: dict[str, list[float]] = {mode: [] for mode in MODES}
     for seed in args.seeds:
         for mode, flag in MODES.items():
-            out = args.work / f"{mode}-seed{seed}"
-            cmd = [sys.executable, "-m", "soupkit", "align", "--ref", str(model), "--prompts", str(prompts),
-                   "--reward", "soupkit.demo.chat_world:gold_reward", "--out", str(out), "--force",
-                   "--steps", str(args.steps), "--batch-size", "8", "--max-new-tokens", "24",
-                   "--kl-coef", "0.05", "--learning-rate", str(args.learning_rate), "--seed", str(seed),
-                   "--save-every", "0", flag]
+            out = work / f"{mode}-seed{seed}"
+            cmd = [sys.executable, "-m", "soupkit", "align", *flags, "--out", str(out), "--force",
+                   "--steps", str(args.steps), "--kl-coef", "0.05", "--seed", str(seed), "--save-every", "0", flag]
             start = time.perf_counter()
             subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
             g, rewards = gain(out / "metrics.jsonl")
