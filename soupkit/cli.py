@@ -111,7 +111,7 @@ def merge(
     """Merge the models of RECIPE's merge: section into one checkpoint."""
     import time
 
-    from soupkit.merge import run_merge
+    from soupkit.merge import load_merge_spec, run_merge
     from soupkit.recipe import load_recipe
 
     loaded = load_recipe(recipe, set_ or [])
@@ -122,7 +122,7 @@ def merge(
         task = bar.add_task("merging", total=None)
         output = run_merge(loaded, out=out, force=force, allow_pickle=allow_pickle,
                            progress=lambda done, total: bar.update(task, completed=done, total=total))
-    spec = loaded.merge
+    spec = load_merge_spec(loaded)
     _console().print(f"[green]wrote[/] {output}  ({spec.method} of {len(spec.models)} models, "
                      f"{time.perf_counter() - start:.1f} s)")
 
@@ -308,14 +308,19 @@ def _path_table(path: dict[str, Any]) -> Any:
 @user_errors
 def run_recipe(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML with any of: sft, reward_model, merge, align, eval.")],
-    only: Annotated[list[str] | None, typer.Option("--only", help="Run only this stage (repeatable).")] = None,
-    force: Annotated[list[str] | None, typer.Option("--force", help="Redo this stage even if complete (repeatable).")] = None,
+    only: Annotated[list[str] | None, typer.Option("--only", help="Run only this stage or unit (a soup, an SFT run, ppo, ppo/seed-0; repeatable).")] = None,
+    force: Annotated[list[str] | None, typer.Option("--force", help="Redo this stage or unit even if complete (repeatable).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: align.steps=10.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run and why; run nothing.")] = False,
 ) -> None:
-    """Run a recipe's stages in order, skipping the ones already complete."""
+    """Run a recipe's units in the order of the data they read, skipping the ones already complete."""
     from soupkit.launch import main_process
-    from soupkit.pipeline import run_pipeline
+    from soupkit.pipeline import plan, run_pipeline
 
+    if dry_run:
+        for step in plan(recipe, only=only or [], force=force or [], overrides=set_ or [], log=_log):
+            _console().print(f"{step.action:6} [{step.unit.stage}] {step.unit.name}: {step.why}", markup=False)
+        return
     _quiet_libraries()
     report = run_pipeline(recipe, only=only or [], force=force or [], overrides=set_ or [], log=_log)
     ran = sum(v.count("ran") for v in report.values())

@@ -28,7 +28,7 @@ from soupkit.errors import SoupkitError
 from soupkit.formats import Prompt
 from soupkit.launch import processes
 from soupkit.locking import check_not_being_written, writing
-from soupkit.recipe import AlignSpec
+from soupkit.recipe import AlignSpec, resume_settings
 from soupkit.rlhf import checkpoints as ckpt
 from soupkit.rlhf.advantage import (
     explained_variance,
@@ -575,11 +575,9 @@ def _restore(run: Run, resume_dir: Path) -> None:
 
 
 def _resumable(spec: AlignSpec) -> dict[str, Any]:
-    """The settings a resumed run must share with the run it continues (steps may grow; the
-    process count may change if the global batch does not, so batch_size is checked as that)."""
-    free = {"steps", "save_every", "keep_checkpoints", "output", "forward_batch_size", "runs", "seeds", "kl_coefs",
-            "batch_size", "offload_frozen", "gradient_checkpointing"}
-    return {k: v for k, v in spec.model_dump(mode="json").items() if k not in free}
+    """The settings a resumed run must share with the run it continues (the process count may
+    change if the global batch does not, so batch_size is checked as that)."""
+    return resume_settings(spec)
 
 
 def write_final(run: Run) -> Path:
