@@ -458,7 +458,8 @@ def _run_unit(step: Step, graph: Graph, chosen: set[str], log: Log) -> str:
         raise SoupkitError(f"[{unit.stage}] {unit.name}: {unit.output} was made with different settings ({step.why}); "
                            f"pass --force {unit.name} (or --force {unit.stage}) to redo it")
     _check_inputs_complete(unit, graph, chosen)
-    log(f"[{unit.stage}] {unit.name}: {'redoing' if step.state != 'new' else 'running'} ({step.why}) -> {unit.output}")
+    doing = "running" if step.state == "new" and step.why == "not made yet" else f"redoing ({step.why})"
+    log(f"[{unit.stage}] {unit.name}: {doing} -> {unit.output}")
     # a stale or unfinished output is replaced; an interrupted align run resumes from its checkpoint
     unit.run(step.replace)
     if main_process():
