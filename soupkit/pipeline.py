@@ -228,14 +228,19 @@ def _changed_inputs(unit: Unit, graph: Graph, marker: dict[str, Any]) -> str:
     changed = [f"input {n} changed" for n in graph.inputs[unit.name] if marker.get("inputs", {}).get(n) != graph.fingerprints[n]]
     changed += [f"data file {f} changed" for f in graph.files[unit.name]
                 if (files.get(f) or {}).get("sha256") != graph.digests[f]["sha256"]]
-    return "; ".join(changed)
+    return _listed(changed)
+
+
+def _listed(reasons: list[str]) -> str:
+    """The first two reasons, and how many more."""
+    return "; ".join(reasons[:2]) + (f"; and {len(reasons) - 2} more" if len(reasons) > 2 else "")
 
 
 def _remade(unit: Unit, graph: Graph, marker: dict[str, Any]) -> str:
     """Why the inputs' outputs are not the ones this unit read: ``input X was made again``."""
     made = marker.get("made", {})
     again = [n for n in graph.inputs[unit.name] if n in made and made[n] != (read_marker(graph.by_name(n)) or {}).get("id")]
-    return "; ".join(f"input {n} was made again" for n in again)
+    return _listed([f"input {n} was made again" for n in again])
 
 
 def _legacy_fingerprint(unit: Unit, graph: Graph) -> str:
