@@ -103,11 +103,14 @@ def file_digest(path: str) -> dict[str, Any]:
     """Size, mtime and sha256 of a file. The hash decides whether it changed (an edit that keeps
     size and mtime is still seen; a touch is not a change); size and mtime are kept for people."""
     p = Path(path).expanduser()
-    stat = p.stat()
     sha = hashlib.sha256()
-    with p.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
+    try:
+        stat = p.stat()
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha.update(block)
+    except OSError as exc:
+        raise SoupkitError(f"data file {path}: cannot be read ({exc.strerror})") from None
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha.hexdigest()}
 
 

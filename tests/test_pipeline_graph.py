@@ -193,3 +193,20 @@ def test_a_marker_from_before_the_graph_is_still_complete(tmp_path, llama_pair):
     (tmp_path / "soup" / MARKER).write_text(json.dumps({"stage": "merge", "name": "soup", "fingerprint": "0" * 16}))
     with pytest.raises(SoupkitError, match="by an earlier soupkit"):
         run_pipeline(load_recipe(recipe), **QUIET)
+
+
+def test_an_unreadable_data_file_is_one_line(tmp_path, llama_pair, monkeypatch):
+    import soupkit.pipeline
+
+    recipe = load_recipe(graph_recipe(tmp_path, llama_pair))
+    real = Path.open
+
+    def denied(self, *args, **kwargs):
+        if self.name == "prefs.jsonl":
+            raise PermissionError(13, "Permission denied")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(SoupkitError, match=r"^data file .*prefs\.jsonl: cannot be read \(Permission denied\)$"):
+        soupkit.pipeline.plan(recipe, **QUIET)
+    assert not (tmp_path / "rm").exists()
