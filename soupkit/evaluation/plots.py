@@ -63,7 +63,7 @@ def ablation_plot(results: dict[str, Any], sweep: str, out: Path) -> Path:
         ax.set_ylabel(f"{label} (95% CI)")
     axes[1].axhline(0.5, color="grey", lw=0.5)
     axes[0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"soups of {sweep}", fontsize=9)
+    fig.suptitle(f"soups of {table['sweep']} over {table['axis']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -104,12 +104,13 @@ def frontiers(summary: dict[str, Any], kl_key: str, primary: str) -> dict[str, A
 
 
 def ablations(summary: dict[str, Any], primary: str) -> dict[str, Any]:
-    """Per soup sweep: one row per run family against a soup of the sweep (or its first model) and
-    kl_coef, sorted by the swept value, with the score and win rate and their intervals."""
+    """Per soup sweep (``NAME-alpha``, ``NAME-n``): one row per run family against a soup of the
+    sweep (or its first model) and kl_coef, sorted by the swept value, with the score and win rate
+    and their intervals."""
     out: dict[str, Any] = {}
     for key, entry in summary.items():
         for sweep, axis, value in entry.get("points", []):
-            table = out.setdefault(sweep, {"axis": axis, "score": primary, "rows": []})
+            table = out.setdefault(f"{sweep}-{axis}", {"sweep": sweep, "axis": axis, "score": primary, "rows": []})
             table["rows"].append({"value": value, "entry": key, "method": entry["method"], "kl_coef": entry["kl_coef"],
                                   "seeds": len(entry["seeds"]), primary: entry[primary], "win_rate": entry["win_rate"]})
     for table in out.values():

@@ -116,9 +116,9 @@ def _matched_table(results: dict[str, Any]) -> list[str]:
 def ablation_lines(results: dict[str, Any]) -> list[str]:
     """One table per soup sweep: the score and the win rate against the baseline at each swept value."""
     lines: list[str] = []
-    for sweep, table in (results.get("ablation") or {}).items():
+    for table in (results.get("ablation") or {}).values():
         score, axis = table["score"], table["axis"]
-        lines += ["", f"## Ablation over the soups of `{sweep}` ({axis})", "",
+        lines += ["", f"## Ablation over {axis}: the soups of `{table['sweep']}`", "",
                   f"| {axis} | run | kl_coef | seeds | {score} | win rate vs {results['baseline']} |", "|---" * 6 + "|"]
         lines += [f"| {r['value']:g} | {r['method']} | {r['kl_coef']:g} | {r['seeds']} | {format_ci(r[score])} | "
                   f"{format_ci(r['win_rate'])} |" for r in table["rows"]]

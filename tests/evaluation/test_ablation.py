@@ -25,14 +25,17 @@ SUMMARY = {
 
 
 def test_ablation_rows_follow_the_swept_value_with_their_intervals():
-    table = ablations(SUMMARY, "gold")["soup"]
-    assert (table["axis"], table["score"]) == ("alpha", "gold")
+    tables = ablations({**SUMMARY, "n3@0.05": entry("n3", 0.05, [0.1, 0.0, 0.2], [0.5, 0.4, 0.6], [["soup", "n", 3.0]])},
+                       "gold")
+    assert [(r["method"], r["value"]) for r in tables["soup-n"]["rows"]] == [("n3", 3.0)]  # one sweep name, two axes
+    table = tables["soup-alpha"]
+    assert (table["sweep"], table["axis"], table["score"]) == ("soup", "alpha", "gold")
     assert [(r["value"], r["method"], r["gold"], r["win_rate"]) for r in table["rows"]] == [
         (0.0, "ppo", [0.3, 0.2, 0.4], None),
         (0.5, "salsa-a0.5", [0.5, 0.4, 0.6], [0.6, 0.52, 0.68]),
         (1.0, "salsa-a1", [0.2, 0.1, 0.3], [0.43, 0.35, 0.5]),
     ]
-    lines = ablation_lines({"ablation": {"soup": table}, "baseline": "ppo"})
+    lines = ablation_lines({"ablation": {"soup-alpha": table}, "baseline": "ppo"})
     assert "| 0.5 | salsa-a0.5 | 0.05 | 2 | 0.500 [0.400, 0.600] | 0.600 [0.520, 0.680] |" in lines
     assert "| 0 | ppo | 0.05 | 2 | 0.300 [0.200, 0.400] | – |" in lines
 
@@ -65,10 +68,10 @@ def test_eval_tabulates_runs_against_the_soups_of_a_sweep(tmp_path, llama_pair):
                  "gold_reward": f"{REWARDS}:good_words", "references": {"a": a}}})
     run_pipeline(recipe, log=lambda _: None)
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    rows = results["ablation"]["soup"]["rows"]
+    rows = results["ablation"]["soup-alpha"]["rows"]
     assert [(r["value"], r["method"]) for r in rows] == [(0.0, "ppo"), (0.5, "s-half"), (1.0, "s-one")]
     for row in rows:
         assert row["gold"] == results["methods"][row["entry"]]["gold"]
         assert row["win_rate"] == results["methods"][row["entry"]]["win_rate"]
-    assert (tmp_path / "eval" / "ablation-soup.png").is_file()
-    assert "## Ablation over the soups of `soup` (alpha)" in (tmp_path / "eval" / "report.md").read_text()
+    assert (tmp_path / "eval" / "ablation-soup-alpha.png").is_file()
+    assert "## Ablation over alpha: the soups of `soup`" in (tmp_path / "eval" / "report.md").read_text()
