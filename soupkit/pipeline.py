@@ -321,8 +321,8 @@ def units(recipe: Recipe, log: Log) -> list[Unit]:
 
 
 def _align_unit(name: str, seed: int, coef: float, spec: AlignSpec, path: Path, log: Log) -> Unit:
+    from soupkit.rlhf import train
     from soupkit.rlhf.checkpoints import latest_checkpoint
-    from soupkit.rlhf.trainer import train
 
     def run(force: bool) -> Any:
         resume = not force and latest_checkpoint(path) is not None

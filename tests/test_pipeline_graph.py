@@ -24,7 +24,7 @@ QUIET = {"log": lambda _: None}
 def calls(monkeypatch) -> list[str]:
     """Stand-ins for the training stages and eval: each writes its output and records its name."""
     import soupkit.pipeline
-    import soupkit.rlhf.trainer
+    import soupkit.rlhf
     import soupkit.train
 
     made: list[str] = []
@@ -40,7 +40,7 @@ def calls(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(soupkit.train, "train_sft", fake(lambda s, t: s.name))
     monkeypatch.setattr(soupkit.train, "train_reward_model", fake(lambda s, t: "reward_model"))
-    monkeypatch.setattr(soupkit.rlhf.trainer, "train", fake(lambda s, t: t.parent.name))
+    monkeypatch.setattr(soupkit.rlhf, "train", fake(lambda s, t: t.parent.name))
 
     def fake_eval(recipe, *, force=False):
         made.append("eval")
