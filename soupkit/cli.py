@@ -91,7 +91,7 @@ def merge(
     """Merge the models of RECIPE's merge: section into one checkpoint."""
     import time
 
-    from soupkit.merge import run_merge
+    from soupkit.merge import load_merge_spec, run_merge
     from soupkit.recipe import load_recipe
 
     loaded = load_recipe(recipe, set_ or [])
@@ -100,13 +100,11 @@ def merge(
     start = time.perf_counter()
     with display.bytes_progress("merging") as progress:
         output = run_merge(loaded, out=out, force=force, allow_pickle=allow_pickle, progress=progress)
-    spec = loaded.merge
+    spec = load_merge_spec(loaded)
     display.wrote(output, f"{spec.method} of {len(spec.models)} models, {time.perf_counter() - start:.1f} s")
 
 
-ALIGN_SWEEP_KEYS = ("runs", "seeds", "kl_coefs")
-"""``AlignSpec``'s sweep keys, read by ``soupkit run`` only: not flags. Delete once they leave AlignSpec."""
-ALIGN_NOT_FLAGS = ("output", "watch", "lora_target_modules", *ALIGN_SWEEP_KEYS)
+ALIGN_NOT_FLAGS = ("output", "watch", "lora_target_modules")
 """Settings without a flag of their own: ``output`` is ``--out``, ``watch`` is ``--watch NAME=PATH``,
 ``lora_target_modules`` (a list or peft's ``all-linear``) is set with ``--set``."""
 
@@ -172,14 +170,19 @@ def inspect(
 @user_errors
 def run_recipe(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML with any of: sft, reward_model, merge, align, eval.")],
-    only: Annotated[list[str] | None, typer.Option("--only", help="Run only this stage (repeatable).")] = None,
-    force: Annotated[list[str] | None, typer.Option("--force", help="Redo this stage even if complete (repeatable).")] = None,
+    only: Annotated[list[str] | None, typer.Option("--only", help="Run only this stage or unit (a soup, an SFT run, ppo, ppo/seed-0; repeatable).")] = None,
+    force: Annotated[list[str] | None, typer.Option("--force", help="Redo this stage or unit even if complete (repeatable).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: align.steps=10.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run and why; run nothing.")] = False,
 ) -> None:
-    """Run a recipe's stages in order, skipping the ones already complete."""
+    """Run a recipe's units in the order of the data they read, skipping the ones already complete."""
     from soupkit.launch import main_process
-    from soupkit.pipeline import run_pipeline
+    from soupkit.pipeline import plan, run_pipeline
 
+    if dry_run:
+        for step in plan(recipe, only=only or [], force=force or [], overrides=set_ or [], log=display.plain):
+            display.plain(f"{step.action:6} [{step.unit.stage}] {step.unit.name}: {step.why}")
+        return
     _quiet_libraries()
     report = run_pipeline(recipe, only=only or [], force=force or [], overrides=set_ or [], log=display.plain)
     ran = sum(v.count("ran") for v in report.values())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,7 +19,9 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -31,6 +34,8 @@ NATIVE_METHODS = ("uniform", "weighted", "layerwise")
 ChatTemplate = Annotated[str, AfterValidator(check_setting)]
 """auto | always | never | chatml | PATH.jinja (``soupkit.chat``)."""
 Dtype = Literal["float32", "float16", "bfloat16"]
+MAY_CHANGE_ON_RESUME = {"may_change_on_resume": True}
+"""Schema mark of the align settings a resumed run may change (``resume_settings``)."""
 
 
 class Strict(BaseModel):
@@ -168,6 +173,84 @@ def _has_list(weight: Any) -> bool:
     return isinstance(weight, list)
 
 
+class SoupSpec(MergeSpec):
+    """One named soup of a ``merge:`` list, or a sweep that expands to several named soups."""
+
+    name: str
+    """Name of the soup, for ``align`` refs and ``soupkit run --only/--force``; a sweep's soups are
+    ``NAME-a<alpha>`` or ``NAME-n<n>``, written to ``OUTPUT-a<alpha>`` or ``OUTPUT-n<n>``."""
+    alphas: list[float] = []
+    """Sweep: for each alpha in [0, 1], the two models at weights (1 - alpha, alpha), so alpha 0 is the
+    first model and alpha 1 the second (the SALSA paper's soup-weight ablation)."""
+    first_n: list[int] = []
+    """Sweep: for each n, the uniform soup of the first n models (the paper's soup-n ablation)."""
+
+    @model_validator(mode="after")
+    def _method_rules(self) -> SoupSpec:  # replaces MergeSpec's: a sweep's own rules come first
+        if self.alphas and self.first_n:
+            raise ValueError("give alphas or first_n, not both")
+        if not (self.alphas or self.first_n):
+            return MergeSpec._method_rules(self)
+        if self.method != "uniform" or any(ing.weight is not None or ing.parameters for ing in self.models):
+            raise ValueError("a sweep sets the method and weights itself: give models as plain paths or names")
+        if not self.output:
+            raise ValueError("output: a sweep needs an output prefix")
+        if self.alphas and (len(self.models) != 2 or not all(0 <= a <= 1 for a in self.alphas)):
+            raise ValueError("alphas: a sweep over alpha in [0, 1] between exactly two models")
+        if self.first_n and not all(2 <= n <= len(self.models) for n in self.first_n):
+            raise ValueError(f"first_n: each n must be between 2 and the {len(self.models)} models given")
+        return self
+
+
+@dataclass(frozen=True)
+class Soup:
+    """A named soup of a recipe, with the sweep point it stands for (``("alpha", 0.25)``), if any."""
+
+    name: str
+    spec: MergeSpec
+    sweep: str | None = None
+    axis: str | None = None
+    value: float | None = None
+
+
+def expand_soups(merge: MergeSpec | list[SoupSpec] | None) -> list[Soup]:
+    """Every soup ``merge:`` describes: one (named ``soup``), a list of named ones, sweeps expanded."""
+    if merge is None:
+        return []
+    if not isinstance(merge, list):
+        return [Soup("soup", merge)]
+    return [soup for entry in merge for soup in _sweep(entry)]
+
+
+def _sweep(entry: SoupSpec) -> list[Soup]:
+    data = to_plain(entry)
+    for key in ("name", "alphas", "first_n"):
+        data.pop(key, None)
+    if not (entry.alphas or entry.first_n):
+        return [Soup(entry.name, validate(MergeSpec, data, f"merge.{entry.name}"))]
+    models = [ing.model for ing in entry.models]
+    out = []
+    for axis, value in [("alpha", a) for a in entry.alphas] + [("n", n) for n in entry.first_n]:
+        tag = f"a{value:g}" if axis == "alpha" else f"n{value}"
+        point = ({"method": "weighted", "models": [{"model": models[0], "weight": 1.0 - value},
+                                                   {"model": models[1], "weight": float(value)}]}
+                 if axis == "alpha" else {"method": "uniform", "models": models[:value]})
+        spec = validate(MergeSpec, {**data, **point, "output": f"{entry.output}-{tag}"}, f"merge.{entry.name}-{tag}")
+        out.append(Soup(f"{entry.name}-{tag}", spec, entry.name, axis, float(value)))
+    return out
+
+
+def _merge_kind(value: Any) -> str:
+    return "soups" if isinstance(value, list) else "one soup"
+
+
+MergeSection = Annotated[Annotated[MergeSpec, Tag("one soup")] | Annotated[list[SoupSpec], Tag("soups")],
+                         Discriminator(_merge_kind)]
+"""``merge:`` is one soup (a mapping) or a list of named soups and sweeps."""
+UNION_TAGS = {"one soup": MergeSpec, "soups": SoupSpec}
+"""Tags in a validation error's location, and the model each stands for."""
+
+
 class AlignSpec(Strict):
     """The ``align:`` section of a recipe: PPO against a frozen reference (``soupkit.rlhf.train``).
 
@@ -190,14 +273,14 @@ class AlignSpec(Strict):
     """Split to read when ``prompts`` is a Hub dataset."""
     chat_template: ChatTemplate = "auto"
     """auto | always | never | chatml | PATH.jinja: how prompts are rendered (see ``soupkit.chat``)."""
-    output: str | None = None
+    output: str | None = Field(None, json_schema_extra=MAY_CHANGE_ON_RESUME)
     """Output directory (``--out`` overrides it)."""
     watch: dict[str, str] = {}
     """Extra models to log ``kl_<name>`` against each step, e.g. ``{sft: runs/sft-a}``."""
-    steps: int = Field(100, ge=1)
+    steps: int = Field(100, ge=1, json_schema_extra=MAY_CHANGE_ON_RESUME)
     """PPO steps (one rollout batch each)."""
-    batch_size: int = Field(16, ge=1)
-    """Prompts per PPO step (per process)."""
+    batch_size: int = Field(16, ge=1, json_schema_extra=MAY_CHANGE_ON_RESUME)
+    """Prompts per PPO step (per process); on ``--resume`` the global batch (x processes) is checked instead."""
     max_prompt_tokens: int = Field(256, ge=1)
     """Longer prompts keep their last tokens."""
     max_new_tokens: int = Field(53, ge=1)
@@ -252,13 +335,13 @@ class AlignSpec(Strict):
     """Stop a step's epochs early once approx_kl exceeds this."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of responses that did not end with EOS."""
-    forward_batch_size: int = Field(64, ge=1)
+    forward_batch_size: int = Field(64, ge=1, json_schema_extra=MAY_CHANGE_ON_RESUME)
     """Sequences per no-grad forward pass (reference, reward, watch models)."""
     seed: int = 0
     """Random seed; sampling noise is keyed by (seed, step, global row), the same for any process count."""
-    save_every: int = Field(50, ge=0)
+    save_every: int = Field(50, ge=0, json_schema_extra=MAY_CHANGE_ON_RESUME)
     """Write a resumable checkpoint every N steps (0 = never)."""
-    keep_checkpoints: int = Field(2, ge=0)
+    keep_checkpoints: int = Field(2, ge=0, json_schema_extra=MAY_CHANGE_ON_RESUME)
     """Checkpoints kept on disk (0 = all)."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint dirs (off: it runs arbitrary code)."""
@@ -273,17 +356,10 @@ class AlignSpec(Strict):
     """Frozen weights (refs, reward, watch, a LoRA base) in bfloat16, forwards under bf16 autocast; trained weights
     and Adam states stay fp32. ``auto``: on where the hardware computes bf16 natively (a CUDA GPU with bf16, a CPU
     with AVX512-BF16 or AMX), off elsewhere; ``false`` keeps every forward pass in fp32."""
-    offload_frozen: bool = False
+    offload_frozen: bool = Field(False, json_schema_extra=MAY_CHANGE_ON_RESUME)
     """Keep ref, reward and watch models on the CPU, moved to the accelerator only for their forward passes."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, json_schema_extra=MAY_CHANGE_ON_RESUME)
     """Recompute policy and critic activations in the backward pass: less memory, one more forward."""
-    runs: dict[str, dict[str, Any]] = {}
-    """For ``soupkit run``: named variants, each overriding align keys (``{ppo: {ref: runs/sft-a}}``)."""
-    seeds: list[int] = []
-    """For ``soupkit run``: repeat every run once per seed (default: ``[seed]``)."""
-    kl_coefs: list[float] = []
-    """For ``soupkit run``: repeat every run once per KL coefficient (default: ``[kl_coef]``)."""
-
     @field_validator("ref", mode="before")
     @classmethod
     def _one_or_more(cls, value: Any) -> Any:
@@ -299,6 +375,32 @@ class AlignSpec(Strict):
                 f"({self.minibatches} x {self.grad_accum})"
             )
         return self
+
+
+def resume_settings(spec: AlignSpec) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it continues: every ``AlignSpec`` field
+    whose schema does not mark it ``MAY_CHANGE_ON_RESUME`` (steps may grow, checkpoints and memory
+    savers may change)."""
+    fields = AlignSpec.model_fields
+    return {k: v for k, v in spec.model_dump(mode="json").items()
+            if k in fields and not (fields[k].json_schema_extra or {}).get("may_change_on_resume")}
+
+
+class AlignSection(AlignSpec):
+    """The ``align:`` section of a recipe: one run's settings (``AlignSpec``) and the sweep over
+    them that ``soupkit run`` expands (``soupkit align`` trains one run and reads no sweep key)."""
+
+    runs: dict[str, dict[str, Any]] = {}
+    """Named variants, each overriding align keys (``{ppo: {ref: sft-a}}``); a model may be named
+    by the name of an SFT run, soup or reward model of the recipe."""
+    seeds: list[int] = []
+    """Repeat every run once per seed (default: ``[seed]``)."""
+    kl_coefs: list[float] = []
+    """Repeat every run once per KL coefficient (default: ``[kl_coef]``)."""
+
+
+SWEEP_KEYS = tuple(k for k in AlignSection.model_fields if k not in AlignSpec.model_fields)
+"""The ``align:`` keys that describe the sweep, not one run."""
 
 
 class TrainSpec(Strict):
@@ -344,6 +446,9 @@ class SFTSpec(TrainSpec):
 
 class RewardModelSpec(TrainSpec):
     """The ``reward_model:`` section: a Bradley-Terry reward model on preference pairs."""
+
+    name: str = "reward_model"
+    """Name of the reward model, for ``align.reward`` and ``soupkit run --only/--force``."""
 
     learning_rate: float = Field(1e-4, gt=0)
     """Peak learning rate (cosine decay)."""
@@ -405,9 +510,9 @@ class Recipe(Strict):
     """SFT ingredient runs, e.g. two seeds of one recipe."""
     reward_model: RewardModelSpec | None = None
     """The proxy reward model."""
-    merge: MergeSpec | None = None
-    """How to make the soup."""
-    align: AlignSpec | None = None
+    merge: MergeSection | None = None
+    """How to make the soup: one ``merge:`` mapping, or a list of named soups and sweeps."""
+    align: AlignSection | None = None
     """PPO against a frozen reference; ``align.ref`` defaults to ``merge.output``."""
     eval: EvalSpec | None = None
     """Held-out evaluation of the align runs."""
@@ -421,6 +526,24 @@ class Recipe(Strict):
             return {**data, "align": {**align, "ref": merge["output"]}}
         return data
 
+    @model_validator(mode="after")
+    def _unique_names(self) -> Recipe:
+        names = ([s.name for s in self.sft or []] + [s.name for s in self.soups()]
+                 + ([self.reward_model.name] if self.reward_model else []))
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"the name {twice[0]!r} is given to two SFT runs, soups or reward models; names must differ")
+        return self
+
+    def soups(self) -> list[Soup]:
+        """Every soup of ``merge:``, sweeps expanded."""
+        return expand_soups(self.merge)
+
+    def outputs_by_name(self) -> dict[str, str]:
+        """``{name: output}`` of the recipe's SFT runs, soups and reward model."""
+        named = {s.name: s.output for s in self.sft or []} | {s.name: s.spec.output or "" for s in self.soups()}
+        return named | ({self.reward_model.name: self.reward_model.output} if self.reward_model else {})
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -432,7 +555,46 @@ def load_recipe(source: str | Path | Mapping[str, Any], overrides: Iterable[str]
     data = read_yaml(Path(source)) if isinstance(source, (str, Path)) else copy.deepcopy(dict(source))
     for item in overrides:
         apply_override(data, item)
-    return validate(Recipe, data, label)
+    return resolve_names(validate(Recipe, data, label), label)
+
+
+MODEL_KEYS = {"sft": ("base",), "reward_model": ("base",), "merge": ("models", "base"),
+              "align": ("ref", "init", "reward", "watch"), "eval": ("reward", "references", "path")}
+"""Where a recipe names a model, per section: these values may be a path or the name of an SFT run,
+soup or reward model of the recipe (``align.runs`` entries take the align keys)."""
+
+
+def resolve_names(recipe: Recipe, label: str = "recipe") -> Recipe:
+    """``recipe`` with every model named by a run, soup or reward-model name replaced by that
+    output path (a name wins over a relative path spelt the same)."""
+    names = recipe.outputs_by_name()
+    data = recipe.model_dump(mode="json", exclude_defaults=True)
+    resolved = {section: _resolve(section, value, names) for section, value in data.items()}
+    return recipe if resolved == data else validate(Recipe, resolved, label)
+
+
+def _resolve(section: str, value: Any, names: dict[str, str]) -> Any:
+    if isinstance(value, list):  # the sft list, a merge list
+        return [_resolve(section, v, names) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: _named(k, v, names) if k in MODEL_KEYS.get(section, ()) else v for k, v in value.items()}
+    if section == "align" and isinstance(out.get("runs"), dict):
+        out["runs"] = {run: _resolve("align", v, names) for run, v in out["runs"].items()}
+    return out
+
+
+def _named(key: str, value: Any, names: dict[str, str]) -> Any:
+    """A model reference, or a list or mapping of them, with names replaced by outputs: every value
+    of ``watch``/``references``, ``a``/``b`` of ``path``, ``model`` of a merge ingredient."""
+    if isinstance(value, str):
+        return names.get(value, value)
+    if isinstance(value, list):
+        return [_named(key, v, names) for v in value]
+    if isinstance(value, dict):
+        only = {"path": ("a", "b"), "models": ("model",)}.get(key)
+        return {k: _named(key, v, names) if only is None or k in only else v for k, v in value.items()}
+    return value
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -475,7 +637,8 @@ def validate(model: type[BaseModel], data: Any, label: str) -> Any:
 
 def format_validation_error(model: type[BaseModel], exc: ValidationError) -> str:
     """The first problem as ``key.path: message``, with a suggestion for misspelt keys."""
-    err = exc.errors()[0]
+    # a misspelt key also leaves the key it meant missing: name the misspelling, it is the cause
+    err = next((e for e in exc.errors() if e["type"] == "extra_forbidden"), exc.errors()[0])
     loc = [str(p) for p in err["loc"]]
     path = _dotted(loc)
     if err["type"] == "extra_forbidden":
@@ -490,7 +653,7 @@ def format_validation_error(model: type[BaseModel], exc: ValidationError) -> str
 
 def _dotted(loc: list[str]) -> str:
     out = ""
-    for part in loc:
+    for part in (p for p in loc if p not in UNION_TAGS):
         out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
     return out
 
@@ -499,6 +662,9 @@ def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
     """Field names of the sub-model found by walking ``loc`` (list indices skipped)."""
     current: Any = model
     for part in loc:
+        if part in UNION_TAGS:
+            current = UNION_TAGS[part]
+            continue
         if part.isdigit():
             continue
         field = getattr(current, "model_fields", {}).get(part)

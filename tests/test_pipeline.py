@@ -46,7 +46,7 @@ def test_interrupted_stage_is_redone(tmp_path, llama_pair):
 def test_changed_settings_need_force(tmp_path, llama_pair):
     run_pipeline(merge_recipe(tmp_path, llama_pair), log=lambda _: None)
     changed = merge_recipe(tmp_path, llama_pair, weight_b=3.0)
-    with pytest.raises(SoupkitError, match=r"\[merge\] soup: .* different settings or inputs; pass --force merge"):
+    with pytest.raises(SoupkitError, match=r"\[merge\] soup: .* different settings \(the recipe changed them\); pass --force soup \(or --force merge\)"):
         run_pipeline(changed, log=lambda _: None)
     assert run_pipeline(changed, force=["merge"], log=lambda _: None)["merge"] == ["ran"]
     marker = json.loads((tmp_path / "soup" / MARKER).read_text())
@@ -87,23 +87,22 @@ def test_two_stages_writing_one_directory_is_refused(tmp_path, llama_pair):
         run_pipeline(load_recipe(recipe), log=lambda _: None)
 
 
-def test_a_redone_stage_makes_later_stages_stale(tmp_path, llama_pair):
-    from soupkit.pipeline import chain_upstream, state, units
+def test_a_changed_sft_makes_the_soup_that_reads_it_stale(tmp_path, llama_pair):
+    """The soup reads the SFT run's output, so a changed SFT setting reaches it; a soup that does
+    not read it stays complete."""
+    from soupkit.pipeline import build_graph, mark_complete, state, units
 
-    first = load_recipe(merge_recipe(tmp_path, llama_pair))
     sft = {"name": "x", "base": str(llama_pair[0]), "data": "d.jsonl", "output": str(tmp_path / "sft")}
-    with_sft = load_recipe({**first.model_dump(mode="json", exclude_defaults=True), "sft": [sft]})
-    changed = load_recipe({**with_sft.model_dump(mode="json", exclude_defaults=True),
-                           "sft": [{**sft, "epochs": 2.0}]})
-    merge_a = chain_upstream(units(with_sft, print))["merge"][0]
-    merge_b = chain_upstream(units(changed, print))["merge"][0]
-    run_pipeline(first, log=lambda _: None)
-    (tmp_path / "sft").mkdir()  # pretend the sft stage ran with the first settings
-    from soupkit.pipeline import mark_complete
-
-    mark_complete(chain_upstream(units(with_sft, print))["sft"][0])
-    mark_complete(merge_a)
-    assert state(merge_a) == "done" and state(merge_b) == "stale"  # the soup depends on the SFT
+    merges = [{"name": "reads-sft", "models": [str(tmp_path / "sft"), str(llama_pair[1])], "output": str(tmp_path / "s1")},
+              {"name": "does-not", "models": [str(p) for p in llama_pair], "output": str(tmp_path / "s2")}]
+    first = build_graph(units(load_recipe({"sft": [sft], "merge": merges}), print))
+    changed = build_graph(units(load_recipe({"sft": [{**sft, "epochs": 2.0}], "merge": merges}), print))
+    for unit in first.units:  # pretend every unit ran with the first settings
+        unit.output.mkdir()
+        mark_complete(unit, first)
+    assert [state(u, first)[0] for u in first.units] == ["done", "done", "done"]
+    assert [state(u, changed) for u in changed.units] == [
+        ("changed", "the recipe changed them"), ("stale", "input x changed"), ("done", "complete")]
 
 
 def test_corrupt_marker_means_redo(tmp_path, llama_pair):

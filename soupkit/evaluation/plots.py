@@ -47,12 +47,37 @@ def frontier_plot(results: dict[str, Any], out: Path) -> Path:
     return out
 
 
+def ablation_plot(results: dict[str, Any], sweep: str, out: Path) -> Path:
+    """The score and the win rate against the swept value, with 95% intervals, one line per kl_coef."""
+    plt = pyplot()
+    table = results["ablation"][sweep]
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4))
+    for ax, key, label in ((axes[0], table["score"], f"mean {table['score']}"),
+                           (axes[1], "win_rate", f"win rate vs {results['baseline']}")):
+        for i, coef in enumerate(sorted({r["kl_coef"] for r in table["rows"]})):
+            rows = [r for r in table["rows"] if r["kl_coef"] == coef and r[key]]
+            ax.errorbar([r["value"] for r in rows], [r[key][0] for r in rows], capsize=3, marker="o", color=f"C{i}",
+                        yerr=[[r[key][0] - r[key][1] for r in rows], [r[key][2] - r[key][0] for r in rows]],
+                        label=f"kl_coef {coef:g}")
+        ax.set_xlabel(table["axis"])
+        ax.set_ylabel(f"{label} (95% CI)")
+    axes[1].axhline(0.5, color="grey", lw=0.5)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle(f"soups of {table['sweep']} over {table['axis']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def write_eval_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     figures = [scores_plot(results, results["primary"], out_dir / f"{results['primary']}.png")]
     if results["primary"] != "reward":
         figures.append(scores_plot(results, "reward", out_dir / "reward.png"))
     if results.get("frontier"):
         figures.append(frontier_plot(results, out_dir / "reward_vs_kl.png"))
+    for sweep in results.get("ablation") or {}:
+        figures.append(ablation_plot(results, sweep, out_dir / f"ablation-{sweep}.png"))
     if results.get("path"):
         from soupkit.diagnostics.plots import path_plot
 

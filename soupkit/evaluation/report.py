@@ -31,6 +31,9 @@ class RunResult:
     kl_coef: float
     path: Path
     how: Sampling
+    points: tuple[tuple[str, str, float], ...] = ()
+    """Where its reference sits on the recipe's soup sweeps: ``(sweep, axis, value)``, e.g.
+    ``("soup", "alpha", 0.25)``."""
 
 
 def measure_runs(runs: Sequence[RunResult], prompts: Sequence[str], reward: str, gold: str | None,
@@ -46,7 +49,8 @@ def measure_runs(runs: Sequence[RunResult], prompts: Sequence[str], reward: str,
     out = []
     for i, run in enumerate(runs):
         rows = measure(run.path, prompts, run.how, reward_scorer, gold_scorer, refs)
-        out.append({"method": run.method, "seed": run.seed, "kl_coef": run.kl_coef, "rows": rows})
+        out.append({"method": run.method, "seed": run.seed, "kl_coef": run.kl_coef, "points": list(run.points),
+                    "rows": rows})
         if progress:
             progress(i + 1, len(runs))
     return out
@@ -67,6 +71,7 @@ def summarise(measured: list[dict], baseline: str, primary: str, n_boot: int) ->
         entry = {"method": method, "kl_coef": coef, "seeds": [r["seed"] for r in runs]}
         entry.update({k: _interval([r["rows"][k] for r in runs], n_boot) for k in metrics})
         entry["win_rate"], entry["win_rate_against"] = _win_rate(runs, measured, baseline, coef, primary, n_boot)
+        entry["points"] = runs[0].get("points", [])
         entry["examples"] = runs[0]["rows"]["examples"]
         summary[f"{method}@{coef:g}"] = entry
     return summary
@@ -97,6 +102,21 @@ def frontiers(summary: dict[str, Any], kl_key: str, primary: str) -> dict[str, A
             "matched": matched, "swept": sorted(swept)}
 
 
+def ablations(summary: dict[str, Any], primary: str) -> dict[str, Any]:
+    """Per soup sweep (``NAME-alpha``, ``NAME-n``): one row per run family against a soup of the
+    sweep (or its first model) and kl_coef, sorted by the swept value, with the score and win rate
+    and their intervals."""
+    out: dict[str, Any] = {}
+    for key, entry in summary.items():
+        for sweep, axis, value in entry.get("points", []):
+            table = out.setdefault(f"{sweep}-{axis}", {"sweep": sweep, "axis": axis, "score": primary, "rows": []})
+            table["rows"].append({"value": value, "entry": key, "method": entry["method"], "kl_coef": entry["kl_coef"],
+                                  "seeds": len(entry["seeds"]), primary: entry[primary], "win_rate": entry["win_rate"]})
+    for table in out.values():
+        table["rows"].sort(key=lambda r: (r["kl_coef"], r["value"], r["method"]))
+    return out
+
+
 def evaluate(runs: Sequence[RunResult], prompts: Sequence[str], out_dir: Path, *, reward: str,
              gold: str | None, references: dict[str, str], baseline: str, n_boot: int = 2000,
              path: dict[str, Any] | None = None, progress: Progress | None = None) -> dict[str, Any]:
@@ -109,6 +129,7 @@ def evaluate(runs: Sequence[RunResult], prompts: Sequence[str], out_dir: Path, *
     kl_key = f"kl_{next(iter(references))}" if references else None
     results = {"baseline": baseline, "primary": primary, "prompts": len(prompts), "methods": summary,
                "frontier": frontiers(summary, kl_key, primary) if kl_key else None, "path": path,
+               "ablation": ablations(summary, primary),
                "per_run": [{k: v for k, v in m.items() if k != "rows"} |
                            {"means": {k: float(np.mean(v)) for k, v in m["rows"].items() if k != "examples"}}
                            for m in measured]}

@@ -56,9 +56,10 @@ def reading(results: dict[str, Any]) -> list[str]:
 def _kl_sentence(name: str, m: dict[str, Any], base: str, base_entry: dict[str, Any]) -> list[str]:
     lines = []
     for key in kl_keys(m):
-        a, b = m[key][0], base_entry[key][0]
-        lines.append(f"  - {key.removeprefix('kl_')}: {name} sits at KL {a:.3f} vs {b:.3f} for {base}"
-                     + (" (further away)" if a > b else " (closer)") + ".")
+        a, b = f"{m[key][0]:.3f}", f"{base_entry[key][0]:.3f}"
+        # compared as printed: two KLs that read the same are called the same
+        where = " (the same)" if a == b else (" (further away)" if float(a) > float(b) else " (closer)")
+        lines.append(f"  - {key.removeprefix('kl_')}: {name} sits at KL {a} vs {b} for {base}{where}.")
     return lines
 
 
@@ -112,6 +113,21 @@ def _matched_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ablation_lines(results: dict[str, Any]) -> list[str]:
+    """One table per soup sweep: the score and the win rate against the baseline at each swept value."""
+    lines: list[str] = []
+    for table in (results.get("ablation") or {}).values():
+        score, axis = table["score"], table["axis"]
+        lines += ["", f"## Ablation over {axis}: the soups of `{table['sweep']}`", "",
+                  f"| {axis} | run | kl_coef | seeds | {score} | win rate vs {results['baseline']} |", "|---" * 6 + "|"]
+        lines += [f"| {r['value']:g} | {r['method']} | {r['kl_coef']:g} | {r['seeds']} | {format_ci(r[score])} | "
+                  f"{format_ci(r['win_rate'])} |" for r in table["rows"]]
+        origin = 0 if axis == "alpha" else 1
+        lines += ["", f"{axis} = {origin:g} is the sweep's first model as the reference (plain PPO when it is "
+                  "also the policy's start); the baseline's own win rate is not measured (–)."]
+    return lines
+
+
 def _path_lines(path: dict[str, Any] | None) -> list[str]:
     if not path:
         return []
@@ -132,7 +148,7 @@ def report_markdown(results: dict[str, Any], figures: list[Path]) -> str:
     lines = ["# soupkit eval", "",
              f"{results['prompts']} held-out prompts, one sampled completion each per run. Intervals are 95% "
              "bootstrap intervals resampling seeds, then prompts. Win rates count ties as half.", "",
-             "## Results", "", *_table(results), *_matched_table(results), "",
+             "## Results", "", *_table(results), *_matched_table(results), *ablation_lines(results), "",
              "## Reading", "", *reading(results), *_path_lines(results.get("path")), "",
              "## Plots", "", *[f"![{f.stem}]({f.name})" for f in figures], "",
              "## Sample completions", "", *examples, ""]

@@ -28,9 +28,14 @@ def load_merge_spec(recipe: str | Path | Mapping[str, Any] | Recipe | MergeSpec)
     if isinstance(recipe, Mapping) and "merge" not in recipe and "models" in recipe:
         return validate(MergeSpec, dict(recipe), "merge")
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    if loaded.merge is None:
-        raise SoupkitError(f"{recipe if isinstance(recipe, (str, Path)) else 'recipe'}: no merge: section")
-    return loaded.merge
+    label = recipe if isinstance(recipe, (str, Path)) else "recipe"
+    soups = loaded.soups()
+    if not soups:
+        raise SoupkitError(f"{label}: no merge: section")
+    if len(soups) > 1:
+        raise SoupkitError(f"{label}: merge: holds {len(soups)} soups ({', '.join(s.name for s in soups)}); "
+                           f"soupkit merge makes one: run them with soupkit run {label} (--only NAME for one)")
+    return soups[0].spec
 
 
 def run_merge(

@@ -22,7 +22,7 @@ import torch
 
 from soupkit.errors import SoupkitError
 from soupkit.provenance import write_provenance
-from soupkit.recipe import AlignSpec
+from soupkit.recipe import AlignSpec, resume_settings
 from soupkit.rlhf.global_batch import global_batch_size
 from soupkit.rlhf.sharding import full_optimizer_state, full_state_dicts, load_optimizer_state
 from soupkit.storage import atomic_output_dir, check_free_space, check_output_free, write_errors
@@ -220,11 +220,10 @@ def restore(run: Run, resume_dir: Path) -> None:
 
 
 def resumable(spec: AlignSpec) -> dict[str, Any]:
-    """The settings a resumed run must share with the run it continues (steps may grow; the
-    process count may change if the global batch does not, so batch_size is checked as that)."""
-    free = {"steps", "save_every", "keep_checkpoints", "output", "forward_batch_size", "runs", "seeds", "kl_coefs",
-            "batch_size", "offload_frozen", "gradient_checkpointing"}
-    return {k: v for k, v in spec.model_dump(mode="json").items() if k not in free}
+    """The settings a resumed run must share with the run it continues (the schema marks those that
+    may change; the process count may change if the global batch does not, so batch_size is checked
+    as that)."""
+    return resume_settings(spec)
 
 
 def write_final(run: Run) -> Path:

@@ -15,8 +15,8 @@ from soupkit import run_merge
 from soupkit.adapters import AdapterReference
 from soupkit.errors import SoupkitError
 from soupkit.rlhf import train
-from soupkit.rlhf.models import AdapterDisabled, Sources, load_models
 from soupkit.rlhf.checkpoints import plain_policy
+from soupkit.rlhf.models import AdapterDisabled, Sources, load_models
 from tests.conftest import load_state
 from tests.lora import make_adapter, merged
 from tests.rlhf.rewards import good_words
