@@ -97,7 +97,24 @@ def causal_lm(path: Path, what: str, dtype: Any = None, device: Any = "cpu", tru
                 str(path), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - a checkpoint transformers cannot load is bad input
         raise SoupkitError(f"{what} {path}: cannot load as a causal LM ({type(exc).__name__}: {exc})") from None
+    contiguous_head_input(model)
     return model.eval().to(device)
+
+
+def contiguous_head_input(model: Any) -> None:
+    """Hand the LM head a contiguous input. transformers slices the positions whose logits are kept
+    (``logits_to_keep``) out of the hidden states, a strided view; for a weight that does not
+    require grad (a frozen reference) torch's ``matmul`` then takes a batched path that copies the
+    whole head weight once per row (measured on SmolLM2: 450 MB copied per forward, 1.2 s instead of
+    0.74 s). Copying the few kept positions instead costs kilobytes. The hook travels with
+    ``copy.deepcopy`` and under peft."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_first_arg)
+
+
+def _contiguous_first_arg(module: Any, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:]) if args else args
 
 
 def seq_cls(path: Path, what: str, dtype: Any = None, device: Any = "cpu", trust_remote_code: bool = False) -> Any:
