@@ -37,7 +37,7 @@ from soupkit.recipe import (
     resolve_names,
     to_plain,
 )
-from soupkit.stopping import Stopped
+from soupkit.stopping import Stopped, deferred
 from soupkit.storage import check_writable
 
 STAGES = ("sft", "reward_model", "merge", "align", "eval")
@@ -472,6 +472,8 @@ def _run_unit(step: Step, graph: Graph, chosen: set[str], log: Log) -> str:
     unit.run(step.replace)
     if main_process():
         mark_complete(unit, graph)
+    if signum := deferred():  # a stop request during an align run's last step: that run is complete
+        raise Stopped.after(unit.name, unit.output, signum)
     return "ran"
 
 

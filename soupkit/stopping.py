@@ -29,13 +29,35 @@ class Stopped(Exception):  # noqa: N818 - it reports a request, not a fault
     conventional code for the signal (128 + number: 143 for SIGTERM, 130 for SIGINT).
     """
 
-    def __init__(self, step: int, checkpoint: Path, signum: int, hint: str = "continue with --resume"):
+    def __init__(self, step: int, checkpoint: Path, signum: int, hint: str = "continue with --resume",
+                 message: str | None = None):
         self.step, self.checkpoint, self.signum, self.hint = step, checkpoint, signum, hint
-        super().__init__(f"stopped at step {step}; checkpoint {checkpoint}; {hint}")
+        super().__init__(message or f"stopped at step {step}; checkpoint {checkpoint}; {hint}")
+
+    @classmethod
+    def after(cls, name: str, output: Path, signum: int) -> Stopped:
+        """A stop between two pieces of work: ``name`` finished (its output is complete)."""
+        return cls(0, output, signum, message=f"stopped after {name}, which is complete ({output}); "
+                                              "rerun soupkit run to continue")
 
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+_DEFERRED = {"signum": 0}
+
+
+def defer(signum: int) -> None:
+    """Record a stop request that came while a run's last step was being taken: that run finished
+    (nothing to checkpoint), and whoever runs the next piece of work must not start it."""
+    _DEFERRED["signum"] = signum
+
+
+def deferred() -> int:
+    """The signal of a stop request a finished run left behind (0 = none); reading it clears it."""
+    signum, _DEFERRED["signum"] = _DEFERRED["signum"], 0
+    return signum
 
 
 class GracefulStop:

@@ -27,7 +27,7 @@ from soupkit.formats import Prompt
 from soupkit.launch import check_launch, deepspeed_launch, fsdp_launch, processes
 from soupkit.locking import check_not_being_written, writing
 from soupkit.recipe import AlignSpec
-from soupkit.rlhf import checkpoints as ckpt
+from soupkit.rlhf import checkpoints
 from soupkit.rlhf.advantage import explained_variance, gae, masked_mean, per_token_rewards
 from soupkit.rlhf.config import lr_factor, micro_batch_size, with_precision
 from soupkit.rlhf.global_batch import (
@@ -62,7 +62,7 @@ from soupkit.rlhf.rollout import (
 )
 from soupkit.rlhf.sharding import full_weights, sharding, zero3_loading
 from soupkit.rlhf.timing import StageClock
-from soupkit.stopping import GracefulStop, Stopped
+from soupkit.stopping import GracefulStop, Stopped, defer
 from soupkit.storage import check_writable, write_errors
 
 Progress = Callable[[int, int, dict[str, Any]], None]
@@ -111,10 +111,10 @@ def _train(spec: AlignSpec, out_dir: Path, force: bool, resume: bool, progress: 
     spec = with_precision(spec)
     check_not_being_written(_inputs(spec), "align: input")
     check_writable(out_dir, into=True)
-    resume_dir = ckpt.check_output(out_dir, force, resume)
+    resume_dir = checkpoints.check_output(out_dir, force, resume)
     sources = preflight(spec)
     run = setup(spec, sources, out_dir, resume_dir)
-    ckpt.check_space(run)
+    checkpoints.check_space(run)
     with GracefulStop(announce=run.accelerator.is_main_process) as stop:
         for step in range(run.start_step, spec.steps):
             metrics = ppo_step(run, step)
@@ -123,7 +123,9 @@ def _train(spec: AlignSpec, out_dir: Path, force: bool, resume: bool, progress: 
                 progress(step + 1, spec.steps, metrics)
             if step + 1 < spec.steps and (signum := stop.agreed(run.accelerator.device)):
                 _stop(run, step + 1, signum)
-    return ckpt.write_final(run)
+        # A signal during the last step: the run finishes, and the caller (soupkit run) stops after it.
+        defer(stop.agreed(run.accelerator.device))
+    return checkpoints.write_final(run)
 
 
 def _inputs(spec: AlignSpec) -> list[str]:
@@ -150,9 +152,9 @@ def setup(spec: AlignSpec, sources: Sources, out: Path, resume_dir: Path | None)
     kl_ctl = AdaptiveKL(spec.kl_coef, spec.kl_target, spec.kl_horizon) if spec.kl_target else FixedKL(spec.kl_coef)
     run = Run(spec, sources, models, trained, accelerator, optimizer, scheduler, kl_ctl, out)
     if resume_dir is not None:
-        ckpt.restore(run, resume_dir)
+        checkpoints.restore(run, resume_dir)
     elif accelerator.is_main_process:
-        ckpt.clear_previous_run(out)
+        checkpoints.clear_previous_run(out)
     accelerator.wait_for_everyone()
     run.clock = StageClock(accelerator.device)  # the first step's time starts here
     return run
@@ -392,7 +394,7 @@ def _check_finite(run: Run, loss: torch.Tensor, step: int) -> None:
     """Stop before a NaN/inf update can reach the weights; earlier checkpoints stay as they are."""
     if torch.isfinite(loss):
         return
-    last = ckpt.latest_checkpoint(run.out)
+    last = checkpoints.latest_checkpoint(run.out)
     kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
     raise SoupkitError(f"step {step + 1}: the PPO loss is {loss.item()} (NaN/inf); training stopped, {kept}")
 
@@ -429,16 +431,16 @@ def _metrics(run: Run, roll: Rollout, kl: torch.Tensor, returns: torch.Tensor,
 def _finish_step(run: Run, step: int, metrics: dict[str, Any]) -> None:
     """Log the step and, every ``save_every`` steps, write a checkpoint (main process only)."""
     if run.accelerator.is_main_process:
-        with write_errors(run.out / "metrics.jsonl", ckpt.kept(run)):
-            ckpt.append_metrics(run.out / "metrics.jsonl", {"step": step, **metrics})
-    if ckpt.saves_at(run.spec, step):
+        with write_errors(run.out / "metrics.jsonl", checkpoints.kept(run)):
+            checkpoints.append_metrics(run.out / "metrics.jsonl", {"step": step, **metrics})
+    if checkpoints.saves_at(run.spec, step):
         with run.clock("checkpoint"):
-            ckpt.save(run, step)
+            checkpoints.save(run, step)
 
 
 def _stop(run: Run, step: int, signum: int) -> None:
     """Stop after ``step`` on a signal: checkpoint it (unless that just happened), raise ``Stopped``.
     Resuming then redoes no step and records none twice."""
-    if not ckpt.saves_at(run.spec, step):
-        ckpt.save(run, step)
-    raise Stopped(step, ckpt.checkpoints_root(run.out) / f"step-{step}", signum)
+    if not checkpoints.saves_at(run.spec, step):
+        checkpoints.save(run, step)
+    raise Stopped(step, checkpoints.checkpoints_root(run.out) / f"step-{step}", signum)

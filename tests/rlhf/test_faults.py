@@ -174,6 +174,37 @@ def test_soupkit_run_says_to_rerun_it_after_a_stop(tmp_path, sft_a, prompts_txt,
     assert caught.value.exit_code == 143 and not (run / ".soupkit-complete").exists()
 
 
+def test_a_signal_in_the_last_step_finishes_that_run_and_stops_soupkit_run_after_it(tmp_path, sft_a, prompts_txt,
+                                                                                     monkeypatch):
+    """SIGINT during an align run's last step: nothing is left to checkpoint, so the run completes
+    (final written, marker written), and soupkit run stops there instead of starting the next run."""
+    import yaml
+
+    from soupkit.pipeline import run_pipeline
+    from soupkit.rlhf import trainer
+    from soupkit.stopping import Stopped
+
+    real_step = trainer.ppo_step
+
+    def step_with_ctrl_c(run, step):
+        if step == run.spec.steps - 1:
+            os.kill(os.getpid(), signal.SIGINT)  # caught by GracefulStop: a flag, not an exception
+        return real_step(run, step)
+
+    monkeypatch.setattr(trainer, "ppo_step", step_with_ctrl_c)
+    align = {"ref": str(sft_a), "reward": f"{REWARDS}:good_words", "prompts": str(prompts_txt),
+             "output": str(tmp_path / "align"), "steps": 2, "batch_size": 4, "max_new_tokens": 3,
+             "save_every": 0, "seeds": [0, 1]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"align": align}))
+    with pytest.raises(Stopped) as caught:
+        run_pipeline(tmp_path / "recipe.yaml", log=lambda line: None)
+    first, second = (tmp_path / "align" / "align" / f"seed-{s}" for s in (0, 1))
+    assert (first / "final").is_dir() and (first / ".soupkit-complete").exists()
+    assert not second.exists()  # the next run never started
+    assert caught.value.exit_code == 130 and str(caught.value).startswith("stopped after align/seed-0")
+    assert "rerun soupkit run to continue" in str(caught.value)
+
+
 def _worker_of_rank(launcher: int, rank: int) -> int:
     """The pid of torchrun's worker process with ``RANK=rank`` (Linux /proc)."""
     deadline = time.monotonic() + 60
