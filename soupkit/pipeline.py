@@ -408,6 +408,7 @@ def run_pipeline(recipe: str | Path | Recipe, *, only: Iterable[str] = (), force
                  overrides: Iterable[str] = (), log: Log = print) -> dict[str, list[str]]:
     """Run the units of ``recipe`` in graph order; returns what happened to each unit, per stage
     (the stages of the units chosen by ``only``, or every stage)."""
+    deferred()  # a stop request left by earlier work in this process is not this run's
     only, force = list(only), list(force)
     graph = build_graph(units(_loaded(recipe, overrides), log))
     chosen, forced = select(graph, only, "--only"), select(graph, force, "--force")

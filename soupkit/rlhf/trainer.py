@@ -108,6 +108,7 @@ def train(spec: AlignSpec, *, out: str | Path | None = None, force: bool = False
 
 def _train(spec: AlignSpec, out_dir: Path, force: bool, resume: bool, progress: Progress | None) -> Path:
     check_launch(spec.lora_rank)
+    defer(0)  # a stop request left by an earlier run in this process is not this run's
     spec = with_precision(spec)
     check_not_being_written(_inputs(spec), "align: input")
     check_writable(out_dir, into=True)
