@@ -189,7 +189,7 @@ def save(run: Run, step: int) -> Path | None:
     target = checkpoints_root(run.out) / f"step-{step}"
     check_free_space(run.out, checkpoint_bytes(run), f"checkpoint {target}", kept(run))
     state = {"step": step, "optimizer": optimizer, "scheduler": run.scheduler.state_dict(),
-             "kl_ctl": run.kl_ctl.state_dict(), "rng": rng_state(), "spec": resumable(run.spec),
+             "kl_ctl": run.kl_ctl.state_dict(), "rng": rng_state(), "spec": resume_settings(run.spec),
              "global_batch_size": global_batch_size(acc, run.spec.batch_size)}
     # A LoRA policy saves its adapter only; resuming rebuilds it on the init's weights.
     with write_errors(target, kept(run)):
@@ -200,7 +200,7 @@ def save(run: Run, step: int) -> Path | None:
 def restore(run: Run, resume_dir: Path) -> None:
     """Continue exactly: optimiser, schedule, beta, RNG and step; later metric lines are dropped."""
     state = load_trainer_state(resume_dir)
-    changed = sorted(k for k, v in resumable(run.spec).items() if state.get("spec", {}).get(k, v) != v)
+    changed = sorted(k for k, v in resume_settings(run.spec).items() if state.get("spec", {}).get(k, v) != v)
     now = global_batch_size(run.accelerator, run.spec.batch_size)
     if state.get("global_batch_size", now) != now:
         changed.append(f"the global batch ({state['global_batch_size']} = batch_size x processes, now {now})")
@@ -217,13 +217,6 @@ def restore(run: Run, resume_dir: Path) -> None:
     run.start_step = int(state["step"])
     if run.accelerator.is_main_process:
         truncate_metrics(run.out / "metrics.jsonl", run.start_step)
-
-
-def resumable(spec: AlignSpec) -> dict[str, Any]:
-    """The settings a resumed run must share with the run it continues (the schema marks those that
-    may change; the process count may change if the global batch does not, so batch_size is checked
-    as that)."""
-    return resume_settings(spec)
 
 
 def write_final(run: Run) -> Path:

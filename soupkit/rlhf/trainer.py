@@ -432,7 +432,7 @@ def _metrics(run: Run, roll: Rollout, kl: torch.Tensor, returns: torch.Tensor,
 def _finish_step(run: Run, step: int, metrics: dict[str, Any]) -> None:
     """Log the step and, every ``save_every`` steps, write a checkpoint (main process only)."""
     if run.accelerator.is_main_process:
-        with write_errors(run.out / "metrics.jsonl", checkpoints.kept(run)):
+        with write_errors(run.out / "metrics.jsonl", lambda: checkpoints.kept(run)):  # listed only on failure
             checkpoints.append_metrics(run.out / "metrics.jsonl", {"step": step, **metrics})
     if checkpoints.saves_at(run.spec, step):
         with run.clock("checkpoint"):
