@@ -117,6 +117,20 @@ def _contiguous_first_arg(module: Any, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:]) if args else args
 
 
+def use_attention(model: Any, implementation: str, strict: bool) -> None:
+    """Switch a transformers model (or the base of a peft model) to ``sdpa`` or ``eager`` attention;
+    anything else (a reward function, a wrapper around the policy) is left alone. A model whose code
+    cannot run ``implementation`` keeps its own kernel, unless ``strict`` (the user asked for it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "set_attn_implementation") or base.config._attn_implementation == implementation:
+        return
+    try:
+        base.set_attn_implementation(implementation)
+    except (ValueError, ImportError) as exc:
+        if strict:
+            raise SoupkitError(f"attention {implementation}: {type(base).__name__} cannot use it ({exc})") from None
+
+
 def seq_cls(path: Path, what: str, dtype: Any = None, device: Any = "cpu", trust_remote_code: bool = False) -> Any:
     """A one-label sequence classifier (a reward model, or a critic built on a causal LM, whose
     ``score`` head transformers then creates: that is by design, so its warning is silenced)."""

@@ -356,6 +356,10 @@ class AlignSpec(Strict):
     """Frozen weights (refs, reward, watch, a LoRA base) in bfloat16, forwards under bf16 autocast; trained weights
     and Adam states stay fp32. ``auto``: on where the hardware computes bf16 natively (a CUDA GPU with bf16, a CPU
     with AVX512-BF16 or AMX), off elsewhere; ``false`` keeps every forward pass in fp32."""
+    attention: Literal["auto", "sdpa", "eager"] = Field("auto", json_schema_extra=MAY_CHANGE_ON_RESUME)
+    """Attention kernel of every model: ``sdpa`` (torch's fused kernels) or ``eager`` (plain matrix products).
+    ``auto``: eager on a CPU when the attention probabilities it keeps for the backward pass fit in 1 GiB
+    (micro-batch x heads x longest sequence^2 x layers x 8 bytes), where it is measured faster; sdpa elsewhere."""
     offload_frozen: bool = Field(False, json_schema_extra=MAY_CHANGE_ON_RESUME)
     """Keep ref, reward and watch models on the CPU, moved to the accelerator only for their forward passes."""
     gradient_checkpointing: bool = Field(False, json_schema_extra=MAY_CHANGE_ON_RESUME)

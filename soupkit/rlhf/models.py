@@ -32,11 +32,13 @@ from soupkit.loading import (
     has_tokenizer,
     same_tokenizer_file,
     seq_cls,
+    use_attention,
     vocab_difference,
     vocab_size,
 )
 from soupkit.modeldir import read_config
 from soupkit.recipe import AlignSpec
+from soupkit.rlhf.config import attention_for
 from soupkit.rlhf.prompts import load_prompts
 from soupkit.rlhf.reward import (
     ModelReward,
@@ -103,6 +105,8 @@ class Models:
     """The chat template in use (None: plain-text prompts)."""
     stops: list[int] = field(default_factory=list)
     """Tokens that end a response: the tokenizer's EOS and the generation config's ``eos_token_id``."""
+    attention: str = "sdpa"
+    """The attention kernel every model runs (``config.attention_for``)."""
 
 
 class ValueModel(torch.nn.Module):
@@ -129,7 +133,7 @@ def load_models(spec: AlignSpec, sources: Sources, device: Any, resume_dir: Path
                        spec.trust_remote_code)
     tokenizer = chat.tokenizer
     texts = render(tokenizer, sources.prompts, chat.template, f"prompts {spec.prompts}")
-    check_prompts(tokenizer, texts)
+    longest = min(check_prompts(tokenizer, texts), spec.max_prompt_tokens) + spec.max_new_tokens
     for path in sources.refs + list(sources.watch.values()):
         check_same_vocab(tokenizer, path, spec.trust_remote_code)
     if spec.offload_frozen and zero3_loading():
@@ -146,10 +150,13 @@ def load_models(spec: AlignSpec, sources: Sources, device: Any, resume_dir: Path
                                "supported: merge them first with `soupkit merge` and pass the soup as --ref")
         refs = [soup_in_memory(refs)]
     watch = {name: _reference(p, spec, sources, policy, resume_dir, home) for name, p in sources.watch.items()}
+    attention = attention_for(spec, torch.device(device).type, policy.config, longest)
+    for model in (policy, critic.seq_cls, *refs, *watch.values(), getattr(reward, "model", None)):
+        use_attention(model, attention, strict=spec.attention != "auto")
     if spec.gradient_checkpointing:
         checkpoint_layers(policy)
         checkpoint_layers(critic.seq_cls)
-    return Models(policy, critic, refs, tokenizer, reward, watch, texts, chat.template, chat.stops)
+    return Models(policy, critic, refs, tokenizer, reward, watch, texts, chat.template, chat.stops, attention)
 
 
 def frozen_dtype(spec: AlignSpec) -> torch.dtype:
@@ -276,11 +283,14 @@ def check_same_vocab(tokenizer: Any, path: Path, trust_remote_code: bool) -> Non
                            "the KL needs one vocabulary")
 
 
-def check_prompts(tokenizer: Any, prompts: list[str]) -> None:
-    """Every prompt must give at least one token, or its row would have nothing to attend to."""
-    for number, ids in enumerate(tokenizer(prompts, add_special_tokens=False)["input_ids"], start=1):
+def check_prompts(tokenizer: Any, prompts: list[str]) -> int:
+    """Every prompt must give at least one token, or its row would have nothing to attend to.
+    Returns the longest prompt's token count."""
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    for number, ids in enumerate(encoded, start=1):
         if not ids:
             raise SoupkitError(f"prompt {number} ({prompts[number - 1]!r}) tokenises to no tokens")
+    return max(len(ids) for ids in encoded)
 
 
 def _causal_lm(path: Path, spec: AlignSpec, device: Any, dtype: torch.dtype = torch.float32,

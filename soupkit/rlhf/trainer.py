@@ -24,6 +24,7 @@ import torch
 
 from soupkit.errors import SoupkitError
 from soupkit.formats import Prompt
+from soupkit.hostmem import keep_freed_memory
 from soupkit.launch import check_launch, deepspeed_launch, fsdp_launch, processes
 from soupkit.locking import check_not_being_written, writing
 from soupkit.recipe import AlignSpec
@@ -141,7 +142,10 @@ def setup(spec: AlignSpec, sources: Sources, out: Path, resume_dir: Path | None)
     logging.disable_progress_bar()  # per-file load/save bars would drown the run's own progress
     accelerator = _accelerator(spec)
     torch.manual_seed(spec.seed)  # the same on every rank: any random init (LoRA's A) agrees
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()
     models = load_models(spec, sources, accelerator.device, resume_dir)
+    spec = spec.model_copy(update={"attention": models.attention})  # auto, decided: recorded as run
     trained, optimizer = prepare_trained(accelerator, spec, models)
     kind = sharding(trained)
     if accelerator.num_processes > 1 and accelerator.is_main_process:  # what accelerate made of the launch
