@@ -303,6 +303,9 @@ class AlignSpec(Strict):
     """AdamW weight decay."""
     kl_coef: float = Field(0.05, ge=0)
     """KL penalty coefficient beta (initial value when adaptive)."""
+    ref_ema: float | None = Field(None, gt=0, le=1)
+    """WARP's moving anchor (arXiv 2406.16768): after every optimiser step ref <- (1 - mu) ref + mu policy, with
+    mu this value; the KL to the policy's start is logged as ``kl_init``. null = a frozen reference."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     """Per-token KL estimator (joschu.net/blog/kl-approx.html)."""
     kl_target: float | None = Field(None, gt=0)
