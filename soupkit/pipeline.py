@@ -300,9 +300,13 @@ def units(recipe: Recipe, log: Log) -> list[Unit]:
                  lambda force, s=spec: train_sft(s, force=force, log=log), (spec.base, spec.data))
             for spec in recipe.sft or []]
     if recipe.reward_model:
-        rm = recipe.reward_model
-        work.append(Unit("reward_model", rm.name, Path(rm.output), to_plain(rm),
-                         lambda force: train_reward_model(rm, force=force, log=log), (rm.base, rm.data)))
+        work += [Unit("reward_model", rm.name, Path(rm.output), to_plain(rm),
+                      lambda force, rm=rm: train_reward_model(rm, force=force, log=log), (rm.base, rm.data))
+                 for rm in recipe.reward_model.members()]
+        if (warm := recipe.reward_model.average()) is not None:
+            rm = recipe.reward_model
+            work.append(Unit("reward_model", rm.name, Path(rm.output), to_plain(warm),
+                             lambda force: _warm_average(warm, force), tuple(i.model for i in warm.models)))
     for soup in recipe.soups():
         m = soup.spec
         work.append(Unit("merge", soup.name, Path(m.output or ""), to_plain(m), lambda force, m=m: run_merge(m, force=force),
@@ -318,6 +322,16 @@ def units(recipe: Recipe, log: Log) -> list[Unit]:
         work.append(Unit("eval", "eval", Path(e.output), to_plain(e), lambda force: run_eval(recipe, force=force),
                          tuple(r for r in reads if r), {"eval": to_plain(e), "align": to_plain(recipe.align) if recipe.align else None}))
     return work
+
+
+def _warm_average(spec: Any, force: bool) -> Any:
+    """WARM's reward model: the uniform soup of the members, written by one process."""
+    from soupkit.merge import run_merge
+
+    if processes() > 1:
+        raise SoupkitError("reward_model.seeds: the WARM average is a merge and runs in one process; rerun "
+                           "soupkit run without the launcher (the trained members are kept)")
+    return run_merge(spec, force=force)
 
 
 def _align_unit(name: str, seed: int, coef: float, spec: AlignSpec, path: Path, log: Log) -> Unit:

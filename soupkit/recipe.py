@@ -455,6 +455,30 @@ class RewardModelSpec(TrainSpec):
 
     learning_rate: float = Field(1e-4, gt=0)
     """Peak learning rate (cosine decay)."""
+    seeds: list[int] = []
+    """WARM (Ramé et al. 2024, arXiv 2401.12187): one reward model per seed (``NAME-seed<s>``, written to
+    ``OUTPUT-seed<s>``), and at ``output`` their uniform weight average, score head included (``soupkit merge``)."""
+
+    @field_validator("seeds")
+    @classmethod
+    def _warm(cls, value: list[int]) -> list[int]:
+        if value and (len(value) < 2 or len(set(value)) < len(value)):
+            raise ValueError("a WARM average needs at least two different seeds")
+        return value
+
+    def members(self) -> list[RewardModelSpec]:
+        """The reward models trained: itself, or one per seed of a WARM average."""
+        if not self.seeds:
+            return [self]
+        return [self.model_copy(update={"seed": s, "seeds": [], "name": f"{self.name}-seed{s}",
+                                        "output": f"{self.output}-seed{s}"}) for s in self.seeds]
+
+    def average(self) -> MergeSpec | None:
+        """The WARM soup of the members (None without ``seeds``)."""
+        if not self.seeds:
+            return None
+        return MergeSpec(method="uniform", models=[Ingredient(model=m.output) for m in self.members()],
+                         output=self.output)
 
 
 class PathSpec(Strict):
@@ -531,8 +555,7 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> Recipe:
-        names = ([s.name for s in self.sft or []] + [s.name for s in self.soups()]
-                 + ([self.reward_model.name] if self.reward_model else []))
+        names = ([s.name for s in self.sft or []] + [s.name for s in self.soups()] + [r.name for r in self.reward_models()])
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"the name {twice[0]!r} is given to two SFT runs, soups or reward models; names must differ")
@@ -542,10 +565,15 @@ class Recipe(Strict):
         """Every soup of ``merge:``, sweeps expanded."""
         return expand_soups(self.merge)
 
+    def reward_models(self) -> list[RewardModelSpec]:
+        """The reward model, and the members of a WARM average."""
+        rm = self.reward_model
+        return [] if rm is None else [rm] + (rm.members() if rm.seeds else [])
+
     def outputs_by_name(self) -> dict[str, str]:
-        """``{name: output}`` of the recipe's SFT runs, soups and reward model."""
+        """``{name: output}`` of the recipe's SFT runs, soups and reward models."""
         named = {s.name: s.output for s in self.sft or []} | {s.name: s.spec.output or "" for s in self.soups()}
-        return named | ({self.reward_model.name: self.reward_model.output} if self.reward_model else {})
+        return named | {r.name: r.output for r in self.reward_models()}
 
 
 # ---------------------------------------------------------------------------------------------
