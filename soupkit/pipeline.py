@@ -137,8 +137,13 @@ def build_graph(plain: list[Unit]) -> Graph:
 
 
 def _producer(read: str, producers: dict[Path, str]) -> str | None:
+    """The unit whose output holds ``read``: the output itself, or a path inside it (an align run's
+    ``final``, which a merge of WARP's next round reads)."""
     path = Path(read).expanduser()
-    return producers.get(path.resolve()) if str(path) else None
+    if not str(path):
+        return None
+    full = path.resolve()
+    return next((producers[p] for p in (full, *full.parents) if p in producers), None)
 
 
 def _files(read: str) -> list[str]:
@@ -318,7 +323,8 @@ def units(recipe: Recipe, log: Log) -> list[Unit]:
         reward = e.reward or (recipe.align.reward if recipe.align else "")
         reads = ([str(path) for *_, path in runs] + [e.prompts, reward]
                  + ([e.gold_reward] if e.gold_reward else []) + list(e.references.values())
-                 + ([e.path.a, e.path.b] if e.path else []))
+                 + ([e.path.a, e.path.b] if e.path else [])
+                 + [m for f in e.fronts for m in (f.a, f.b, *f.others.values(), *f.rewards.values())])
         work.append(Unit("eval", "eval", Path(e.output), to_plain(e), lambda force: run_eval(recipe, force=force),
                          tuple(r for r in reads if r), {"eval": to_plain(e), "align": to_plain(recipe.align) if recipe.align else None}))
     return work
@@ -559,11 +565,34 @@ def _run_eval(spec: Any, align: AlignSection, points: dict[Path, list[tuple[str,
     baseline = spec.baseline or runs[0].method
     if baseline not in {r.method for r in runs}:
         raise SoupkitError(f"eval.baseline: {baseline!r} is not an align run ({', '.join(sorted({r.method for r in runs}))})")
+    axes = _front_axes(spec)
     with atomic_output_dir(Path(spec.output), force) as tmp:
         path = _path_report(spec, align) if spec.path else None
-        return evaluate(runs, prompts, tmp, reward=spec.reward or align.reward, gold=spec.gold_reward,
-                        references=spec.references, baseline=baseline, n_boot=spec.bootstrap, path=path,
-                        progress=progress)
+        results = evaluate(runs, prompts, tmp, reward=spec.reward or align.reward, gold=spec.gold_reward,
+                           references=spec.references, baseline=baseline, n_boot=spec.bootstrap, path=path,
+                           progress=progress)
+        if spec.fronts:
+            from soupkit.evaluation.front import write_fronts
+
+            results["fronts"] = write_fronts(spec, axes, prompts, _sampling(spec, align), spec.reward or align.reward, tmp)
+        return results
+
+
+def _front_axes(spec: Any) -> list[list[str]]:
+    """Each front's two axes, checked against the metrics it will have before any model loads."""
+    primary = "gold" if spec.gold_reward else "reward"
+    out = []
+    for front in spec.fronts:
+        if not front.axes and not spec.references:
+            raise SoupkitError(f"eval.fronts.{front.name}.axes: give two metrics (no eval.references for a KL axis)")
+        axes = front.axes or [f"kl_{next(iter(spec.references))}", primary]
+        known = ["reward", *(["gold"] if spec.gold_reward else []), *front.rewards, *(f"kl_{r}" for r in spec.references)]
+        for axis in axes:
+            if axis not in known:
+                raise SoupkitError(f"eval.fronts.{front.name}.axes: {axis!r} is not measured; "
+                                   f"known: {', '.join(known)}")
+        out.append(axes)
+    return out
 
 
 def _sampling(spec: Any, run: AlignSpec) -> Any:

@@ -492,6 +492,46 @@ class PathSpec(Strict):
     """Points over alpha in [-0.5, 1.5]."""
 
 
+class FrontSpec(Strict):
+    """One ``eval.fronts`` entry: models on the line from ``a`` to ``b``, measured over a grid.
+
+    LITI (WARP, arXiv 2406.16768): ``a`` the init, ``b`` the merged policy, ``axis: eta``, axes
+    ``[kl_init, gold]``. Rewarded soups (arXiv 2306.04488): ``a`` and ``b`` trained on two rewards,
+    axes the two rewards."""
+
+    name: str
+    """Name of the front in the report and its plot ``front-NAME.png``."""
+    a: str
+    """Model at 0: a checkpoint dir (a soup, an align run's ``final``)."""
+    b: str
+    """Model at 1."""
+    axis: str = "lambda"
+    """The grid's variable as the report names it (``eta`` for LITI)."""
+    values: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    """Grid: the model at v is ``(1 - v) * a + v * b`` (0 is a, 1 is b, bit for bit)."""
+    rewards: dict[str, str] = {}
+    """More scores at every point: ``{name: module:function or reward model dir}``."""
+    axes: list[str] = []
+    """The two metrics of the front, e.g. ``[kind, focus]`` or ``[kl_init, gold]`` (KL: lower is better);
+    default: ``[kl_<first eval reference>, gold]`` (``reward`` without a gold judge)."""
+    others: dict[str, str] = {}
+    """Models measured the same way and compared with the front at their x, e.g. a baseline's policy."""
+
+    @field_validator("values")
+    @classmethod
+    def _grid(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("at least one value is needed")
+        return [_check_number(v, "values") for v in value]
+
+    @field_validator("axes")
+    @classmethod
+    def _two(cls, value: list[str]) -> list[str]:
+        if value and (len(value) != 2 or value[0] == value[1]):
+            raise ValueError("axes: give two different metrics, e.g. [kl_init, gold]")
+        return value
+
+
 class EvalSpec(Strict):
     """The ``eval:`` section: every align run measured on held-out prompts."""
 
@@ -524,6 +564,16 @@ class EvalSpec(Strict):
     """Bootstrap resamples for the intervals."""
     path: PathSpec | None = None
     """Also measure reward along the line between two models (e.g. SFT-A -> SFT-B)."""
+    fronts: list[FrontSpec] = []
+    """Fronts over a grid between two models: WARP's LITI, rewarded soups (``soupkit.evaluation.front``)."""
+
+    @field_validator("fronts")
+    @classmethod
+    def _names(cls, value: list[FrontSpec]) -> list[FrontSpec]:
+        names = [f.name for f in value]
+        if len(set(names)) < len(names):
+            raise ValueError("two fronts have the same name")
+        return value
 
 
 class Recipe(Strict):
@@ -590,7 +640,7 @@ def load_recipe(source: str | Path | Mapping[str, Any], overrides: Iterable[str]
 
 
 MODEL_KEYS = {"sft": ("base",), "reward_model": ("base",), "merge": ("models", "base"),
-              "align": ("ref", "init", "reward", "watch"), "eval": ("reward", "references", "path")}
+              "align": ("ref", "init", "reward", "watch"), "eval": ("reward", "references", "path", "fronts")}
 """Where a recipe names a model, per section: these values may be a path or the name of an SFT run,
 soup or reward model of the recipe (``align.runs`` entries take the align keys)."""
 
@@ -622,6 +672,9 @@ def _named(key: str, value: Any, names: dict[str, str]) -> Any:
         return names.get(value, value)
     if isinstance(value, list):
         return [_named(key, v, names) for v in value]
+    if key == "fronts" and isinstance(value, dict):  # a front's models; its names and rewards stay as they are
+        return {**value, **{k: names.get(value[k], value[k]) for k in ("a", "b") if k in value},
+                **({"others": {n: names.get(p, p) for n, p in value["others"].items()}} if "others" in value else {})}
     if isinstance(value, dict):
         only = {"path": ("a", "b"), "models": ("model",)}.get(key)
         return {k: _named(key, v, names) if only is None or k in only else v for k, v in value.items()}
