@@ -53,8 +53,8 @@ def pareto(points: list[dict[str, Any]], x: str, y: str) -> list[bool]:
 
 def at_x(points: list[dict[str, Any]], x: str, y: str, where: float) -> list[float] | None:
     """The front's ``y`` (estimate, low, high), each linearly interpolated at ``x = where``
-    between neighbouring grid points; None outside the front's x range."""
-    order = sorted(points, key=lambda p: p[x][0])
+    between neighbouring points of the Pareto front; None outside its x range."""
+    order = sorted((p for p, best in zip(points, pareto(points, x, y)) if best), key=lambda p: p[x][0])
     curve = [(p[x][0], p[y]) for p in order]
     out = [stats.reward_at([(c[0], c[1][i]) for c in curve], where) for i in range(3)]
     return None if out[0] is None else [round(v, 4) for v in out]

@@ -72,8 +72,9 @@ def test_pareto_flags_follow_a_hand_worked_case():
 def test_compare_with_another_model_at_its_x():
     front = {"axes": ["kl_init", "gold"], "points": [
         {"value": 0.0, "kl_init": [0.0, 0.0, 0.0], "gold": [1.0, 0.9, 1.1]},
-        {"value": 1.0, "kl_init": [2.0, 1.8, 2.2], "gold": [3.0, 2.9, 3.1]}]}
-    # at kl 1 the front is 2.0 in [1.9, 2.1] (interpolated bounds)
+        {"value": 1.0, "kl_init": [2.0, 1.8, 2.2], "gold": [3.0, 2.9, 3.1]},
+        {"value": 0.5, "kl_init": [1.0, 0.9, 1.1], "gold": [0.5, 0.4, 0.6]}]}  # dominated: not on the front
+    # at kl 1 the front (the first two points) is 2.0 in [1.9, 2.1] (interpolated bounds)
     assert F.at_x(front["points"], "kl_init", "gold", 1.0) == [2.0, 1.9, 2.1]
     assert F.compare(front, {"kl_init": [1.0, 0.9, 1.1], "gold": [1.5, 1.4, 1.8]}) == "beats"
     assert F.compare(front, {"kl_init": [1.0, 0.9, 1.1], "gold": [2.5, 2.2, 2.8]}) == "loses to"
