@@ -52,9 +52,13 @@ def pareto(points: list[dict[str, Any]], x: str, y: str) -> list[bool]:
 
 
 def at_x(points: list[dict[str, Any]], x: str, y: str, where: float) -> list[float] | None:
-    """The front's ``y`` (estimate, low, high), each linearly interpolated at ``x = where``
-    between neighbouring points of the Pareto front; None outside its x range."""
+    """The front's ``y`` (estimate, low, high) at ``x = where``: each linearly interpolated between
+    neighbouring points of the Pareto front; past its worse end on x (more KL, less of a score) the
+    y of that end, which a front point reaches with a better x; None past its better end."""
     order = sorted((p for p, best in zip(points, pareto(points, x, y)) if best), key=lambda p: p[x][0])
+    worse = order[-1] if lower_is_better(x) else order[0]
+    if (where > worse[x][0]) if lower_is_better(x) else (where < worse[x][0]):
+        return list(worse[y])
     curve = [(p[x][0], p[y]) for p in order]
     out = [stats.reward_at([(c[0], c[1][i]) for c in curve], where) for i in range(3)]
     return None if out[0] is None else [round(v, 4) for v in out]

@@ -79,7 +79,13 @@ def test_compare_with_another_model_at_its_x():
     assert F.compare(front, {"kl_init": [1.0, 0.9, 1.1], "gold": [1.5, 1.4, 1.8]}) == "beats"
     assert F.compare(front, {"kl_init": [1.0, 0.9, 1.1], "gold": [2.5, 2.2, 2.8]}) == "loses to"
     assert F.compare(front, {"kl_init": [1.0, 0.9, 1.1], "gold": [2.0, 1.95, 2.3]}) == "not separated from"
-    assert F.compare(front, {"kl_init": [3.0, 2.9, 3.1], "gold": [2.0, 1.9, 2.1]}) == "outside"
+    # past the front's larger-KL end: its end point (kl 2, gold 3) does better with less KL
+    assert F.at_x(front["points"], "kl_init", "gold", 3.0) == [3.0, 2.9, 3.1]
+    assert F.compare(front, {"kl_init": [3.0, 2.9, 3.1], "gold": [2.0, 1.9, 2.1]}) == "beats"
+    assert F.compare(front, {"kl_init": [-0.5, -0.6, -0.4], "gold": [2.0, 1.9, 2.1]}) == "outside"
+    scores = {"axes": ["kind", "focus"], "points": [_pt(0, 0.2, 1.0), _pt(1, 1.0, 0.2)]}
+    assert F.at_x(scores["points"], "kind", "focus", 0.1) == [1.0, 0.9, 1.1]  # less kind than the front's least-kind end: that end's focus
+    assert F.at_x(scores["points"], "kind", "focus", 1.2) is None
 
 
 def test_front_settings_are_checked():
