@@ -25,7 +25,7 @@ def test_warp_rounds_are_ordered_by_the_data_they_read(tmp_path, monkeypatch):
     assert sorted(inputs["init-2"]) == ["sft-a", "slerp-1"]
     assert "init-2" in inputs["round2-a/seed-1/kl-0.05"] and "init-2" in inputs["round2-b/seed-2/kl-0.05"]
     assert sorted(inputs["slerp-2"]) == ["init-2", "round2-a/seed-1/kl-0.05", "round2-b/seed-2/kl-0.05"]
-    assert {"slerp-2", "ppo/seed-0/kl-0.05", "ppo/seed-0/kl-0.2"} <= set(inputs["eval"])
+    assert {"slerp-2", "ppo/seed-0/kl-0.05", "ppo/seed-0/kl-0.2", "ppo/seed-0/kl-1"} <= set(inputs["eval"])
     order = [u.name for u in graph.units]
     assert order.index("slerp-1") < order.index("init-2") < order.index("round2-a/seed-1/kl-0.05") < order.index("slerp-2")
     specs = {u.name: u.settings for u in graph.units}
