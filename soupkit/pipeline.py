@@ -579,7 +579,8 @@ def _run_eval(spec: Any, align: AlignSection, points: dict[Path, list[tuple[str,
 
 
 def _front_axes(spec: Any) -> list[list[str]]:
-    """Each front's two axes, checked against the metrics it will have before any model loads."""
+    """Each front's two axes, checked against the metrics it will have, and its models' presence,
+    before any model loads."""
     primary = "gold" if spec.gold_reward else "reward"
     out = []
     for front in spec.fronts:
@@ -591,6 +592,11 @@ def _front_axes(spec: Any) -> list[list[str]]:
             if axis not in known:
                 raise SoupkitError(f"eval.fronts.{front.name}.axes: {axis!r} is not measured; "
                                    f"known: {', '.join(known)}")
+        models = {"a": front.a, "b": front.b, **{f"others.{n}": p for n, p in front.others.items()}}
+        for key, path in models.items():
+            if not Path(path).expanduser().exists():
+                raise SoupkitError(f"eval.fronts.{front.name}.{key}: {path} not found; make it first (an align "
+                                   "run's final policy, a soup)")
         out.append(axes)
     return out
 

@@ -102,3 +102,15 @@ def test_an_unmeasured_axis_is_refused_before_any_model_loads():
                                "fronts": [{"name": "f", "a": "x", "b": "y", "axes": ["kind", "gold"]}]}, "eval")
     with pytest.raises(SoupkitError, match="eval.fronts.f.axes: 'kind' is not measured; known: reward, gold"):
         _front_axes(spec)
+
+
+def test_a_missing_front_model_is_refused_before_any_model_loads(tmp_path, llama_pair):
+    from soupkit.pipeline import _front_axes
+
+    spec = validate(EvalSpec, {"prompts": "p", "output": "o", "references": {"init": str(llama_pair[0])},
+                               "fronts": [{"name": "liti", "a": str(llama_pair[0]), "b": str(tmp_path / "nope")}]},
+                    "eval")
+    with pytest.raises(SoupkitError, match=f"eval.fronts.liti.b: {tmp_path / 'nope'} not found"):
+        _front_axes(spec)
+    ok = spec.model_copy(update={"fronts": [spec.fronts[0].model_copy(update={"b": str(llama_pair[1])})]})
+    assert _front_axes(ok) == [["kl_init", "reward"]]  # the default axes: KL to the first reference, the score
