@@ -114,3 +114,13 @@ def test_a_missing_front_model_is_refused_before_any_model_loads(tmp_path, llama
         _front_axes(spec)
     ok = spec.model_copy(update={"fronts": [spec.fronts[0].model_copy(update={"b": str(llama_pair[1])})]})
     assert _front_axes(ok) == [["kl_init", "reward"]]  # the default axes: KL to the first reference, the score
+
+
+def test_soupkit_eval_prints_each_front_and_its_verdicts():
+    from soupkit.display import front_summary
+
+    front = {"name": "liti", "axis": "eta", "axes": ["kl_init", "gold"],
+             "points": [{"value": 0.0, "pareto": True}, {"value": 0.5, "pareto": True}, {"value": 1.0, "pareto": False}],
+             "others": {"ppo": {"front": "loses to"}, "ppo-1": {"front": "outside"}}}
+    assert front_summary([front]) == ["front liti (kl_init vs gold): Pareto at eta = 0, 0.5",
+                                      "  the front loses to ppo", "  the front cannot be compared with ppo-1"]
