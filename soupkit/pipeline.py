@@ -586,19 +586,20 @@ def _front_axes(spec: Any) -> list[list[str]]:
     for front in spec.fronts:
         if not front.axes and not spec.references:
             raise SoupkitError(f"eval.fronts.{front.name}.axes: give two metrics (no eval.references for a KL axis)")
-        axes = front.axes or [f"kl_{next(iter(spec.references))}", primary]
         known = ["reward", *(["gold"] if spec.gold_reward else []), *front.rewards, *(f"kl_{r}" for r in spec.references)]
-        for axis in axes:
-            if axis not in known:
-                raise SoupkitError(f"eval.fronts.{front.name}.axes: {axis!r} is not measured; "
-                                   f"known: {', '.join(known)}")
-        models = {"a": front.a, "b": front.b, **{f"others.{n}": p for n, p in front.others.items()}}
-        for key, path in models.items():
-            if not Path(path).expanduser().exists():
-                raise SoupkitError(f"eval.fronts.{front.name}.{key}: {path} not found; make it first (an align "
-                                   "run's final policy, a soup)")
-        out.append(axes)
+        out.append(front.axes or [f"kl_{next(iter(spec.references))}", primary])
+        if unknown := [a for a in out[-1] if a not in known]:
+            raise SoupkitError(f"eval.fronts.{front.name}.axes: {unknown[0]!r} is not measured; known: {', '.join(known)}")
+        _check_front_models(front)
     return out
+
+
+def _check_front_models(front: Any) -> None:
+    models = {"a": front.a, "b": front.b, **{f"others.{n}": p for n, p in front.others.items()}}
+    for key, path in models.items():
+        if not Path(path).expanduser().exists():
+            raise SoupkitError(f"eval.fronts.{front.name}.{key}: {path} not found; make it first (an align "
+                               "run's final policy, a soup)")
 
 
 def _sampling(spec: Any, run: AlignSpec) -> Any:

@@ -158,16 +158,18 @@ def kept(run: Run) -> str:
 
 
 def checkpoint_bytes(run: Run) -> int:
-    """Bytes one checkpoint takes: policy (only its adapter with LoRA) and critic weights, and
-    AdamW's two moments per trained parameter. Sharded parameters count whole (checkpoints hold
-    whole tensors); tokenizer and RNG files are left out (kilobytes to a few MB)."""
+    """Bytes one checkpoint takes: policy (only its adapter with LoRA) and critic weights, AdamW's
+    two moments per trained parameter, and the moving reference of ``ref_ema``. Sharded parameters
+    count whole (checkpoints hold whole tensors); tokenizer and RNG files are left out (kilobytes to
+    a few MB)."""
     def size(p: torch.Tensor) -> int:
         return (getattr(p, "ds_numel", None) or p.numel()) * p.element_size()
 
     policy, critic = run.models.policy, run.models.critic
     trained = [p for p in (*policy.parameters(), *critic.parameters()) if p.requires_grad]
     saved = [p for p in policy.parameters() if p.requires_grad or not run.spec.lora_rank]
-    return sum(map(size, saved)) + sum(map(size, critic.parameters())) + 2 * sum(map(size, trained))
+    moving = sum(map(size, run.models.refs[0].parameters())) if run.spec.ref_ema is not None else 0  # align.ref_ema
+    return sum(map(size, saved)) + sum(map(size, critic.parameters())) + 2 * sum(map(size, trained)) + moving
 
 
 def check_space(run: Run) -> None:
