@@ -193,3 +193,17 @@ def eval_results(results: dict[str, Any]) -> None:
     out.print(table)
     for line in reading(results):
         out.print(line, highlight=False)
+    for line in front_summary(results.get("fronts") or []):
+        out.print(line, highlight=False)
+
+
+def front_summary(fronts: list[dict[str, Any]]) -> list[str]:
+    """One line per front (its Pareto points) and per model compared with it."""
+    from soupkit.evaluation.front import front_verdict
+
+    lines = []
+    for f in fronts:
+        best = ", ".join(f"{p['value']:g}" for p in f["points"] if p["pareto"])
+        lines.append(f"front {f['name']} ({f['axes'][0]} vs {f['axes'][1]}): Pareto at {f['axis']} = {best}")
+        lines += [f"  the front {front_verdict(o['front'])} {name}" for name, o in f["others"].items()]
+    return lines

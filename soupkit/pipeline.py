@@ -137,8 +137,13 @@ def build_graph(plain: list[Unit]) -> Graph:
 
 
 def _producer(read: str, producers: dict[Path, str]) -> str | None:
+    """The unit whose output holds ``read``: the output itself, or a path inside it (an align run's
+    ``final``, which a merge of WARP's next round reads)."""
     path = Path(read).expanduser()
-    return producers.get(path.resolve()) if str(path) else None
+    if not str(path):
+        return None
+    full = path.resolve()
+    return next((producers[p] for p in (full, *full.parents) if p in producers), None)
 
 
 def _files(read: str) -> list[str]:
@@ -300,9 +305,13 @@ def units(recipe: Recipe, log: Log) -> list[Unit]:
                  lambda force, s=spec: train_sft(s, force=force, log=log), (spec.base, spec.data))
             for spec in recipe.sft or []]
     if recipe.reward_model:
-        rm = recipe.reward_model
-        work.append(Unit("reward_model", rm.name, Path(rm.output), to_plain(rm),
-                         lambda force: train_reward_model(rm, force=force, log=log), (rm.base, rm.data)))
+        work += [Unit("reward_model", rm.name, Path(rm.output), to_plain(rm),
+                      lambda force, rm=rm: train_reward_model(rm, force=force, log=log), (rm.base, rm.data))
+                 for rm in recipe.reward_model.members()]
+        if (warm := recipe.reward_model.average()) is not None:
+            rm = recipe.reward_model
+            work.append(Unit("reward_model", rm.name, Path(rm.output), to_plain(warm),
+                             lambda force: _warm_average(warm, force), tuple(i.model for i in warm.models)))
     for soup in recipe.soups():
         m = soup.spec
         work.append(Unit("merge", soup.name, Path(m.output or ""), to_plain(m), lambda force, m=m: run_merge(m, force=force),
@@ -314,10 +323,21 @@ def units(recipe: Recipe, log: Log) -> list[Unit]:
         reward = e.reward or (recipe.align.reward if recipe.align else "")
         reads = ([str(path) for *_, path in runs] + [e.prompts, reward]
                  + ([e.gold_reward] if e.gold_reward else []) + list(e.references.values())
-                 + ([e.path.a, e.path.b] if e.path else []))
+                 + ([e.path.a, e.path.b] if e.path else [])
+                 + [m for f in e.fronts for m in (f.a, f.b, *f.others.values(), *f.rewards.values())])
         work.append(Unit("eval", "eval", Path(e.output), to_plain(e), lambda force: run_eval(recipe, force=force),
                          tuple(r for r in reads if r), {"eval": to_plain(e), "align": to_plain(recipe.align) if recipe.align else None}))
     return work
+
+
+def _warm_average(spec: Any, force: bool) -> Any:
+    """WARM's reward model: the uniform soup of the members, written by one process."""
+    from soupkit.merge import run_merge
+
+    if processes() > 1:
+        raise SoupkitError("reward_model.seeds: the WARM average is a merge and runs in one process; rerun "
+                           "soupkit run without the launcher (the trained members are kept)")
+    return run_merge(spec, force=force)
 
 
 def _align_unit(name: str, seed: int, coef: float, spec: AlignSpec, path: Path, log: Log) -> Unit:
@@ -545,11 +565,41 @@ def _run_eval(spec: Any, align: AlignSection, points: dict[Path, list[tuple[str,
     baseline = spec.baseline or runs[0].method
     if baseline not in {r.method for r in runs}:
         raise SoupkitError(f"eval.baseline: {baseline!r} is not an align run ({', '.join(sorted({r.method for r in runs}))})")
+    axes = _front_axes(spec)
     with atomic_output_dir(Path(spec.output), force) as tmp:
         path = _path_report(spec, align) if spec.path else None
-        return evaluate(runs, prompts, tmp, reward=spec.reward or align.reward, gold=spec.gold_reward,
-                        references=spec.references, baseline=baseline, n_boot=spec.bootstrap, path=path,
-                        progress=progress)
+        results = evaluate(runs, prompts, tmp, reward=spec.reward or align.reward, gold=spec.gold_reward,
+                           references=spec.references, baseline=baseline, n_boot=spec.bootstrap, path=path,
+                           progress=progress)
+        if spec.fronts:
+            from soupkit.evaluation.front import write_fronts
+
+            results["fronts"] = write_fronts(spec, axes, prompts, _sampling(spec, align), spec.reward or align.reward, tmp)
+        return results
+
+
+def _front_axes(spec: Any) -> list[list[str]]:
+    """Each front's two axes, checked against the metrics it will have, and its models' presence,
+    before any model loads."""
+    primary = "gold" if spec.gold_reward else "reward"
+    out = []
+    for front in spec.fronts:
+        if not front.axes and not spec.references:
+            raise SoupkitError(f"eval.fronts.{front.name}.axes: give two metrics (no eval.references for a KL axis)")
+        known = ["reward", *(["gold"] if spec.gold_reward else []), *front.rewards, *(f"kl_{r}" for r in spec.references)]
+        out.append(front.axes or [f"kl_{next(iter(spec.references))}", primary])
+        if unknown := [a for a in out[-1] if a not in known]:
+            raise SoupkitError(f"eval.fronts.{front.name}.axes: {unknown[0]!r} is not measured; known: {', '.join(known)}")
+        _check_front_models(front)
+    return out
+
+
+def _check_front_models(front: Any) -> None:
+    models = {"a": front.a, "b": front.b, **{f"others.{n}": p for n, p in front.others.items()}}
+    for key, path in models.items():
+        if not Path(path).expanduser().exists():
+            raise SoupkitError(f"eval.fronts.{front.name}.{key}: {path} not found; make it first (an align "
+                               "run's final policy, a soup)")
 
 
 def _sampling(spec: Any, run: AlignSpec) -> Any:

@@ -303,6 +303,9 @@ class AlignSpec(Strict):
     """AdamW weight decay."""
     kl_coef: float = Field(0.05, ge=0)
     """KL penalty coefficient beta (initial value when adaptive)."""
+    ref_ema: float | None = Field(None, gt=0, le=1)
+    """WARP's moving anchor (arXiv 2406.16768): after every optimiser step ref <- (1 - mu) ref + mu policy, with
+    mu this value; the KL to the policy's start is logged as ``kl_init``. null = a frozen reference."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     """Per-token KL estimator (joschu.net/blog/kl-approx.html)."""
     kl_target: float | None = Field(None, gt=0)
@@ -456,6 +459,30 @@ class RewardModelSpec(TrainSpec):
 
     learning_rate: float = Field(1e-4, gt=0)
     """Peak learning rate (cosine decay)."""
+    seeds: list[int] = []
+    """WARM (Ramé et al. 2024, arXiv 2401.12187): one reward model per seed (``NAME-seed<s>``, written to
+    ``OUTPUT-seed<s>``), and at ``output`` their uniform weight average, score head included (``soupkit merge``)."""
+
+    @field_validator("seeds")
+    @classmethod
+    def _warm(cls, value: list[int]) -> list[int]:
+        if value and (len(value) < 2 or len(set(value)) < len(value)):
+            raise ValueError("a WARM average needs at least two different seeds")
+        return value
+
+    def members(self) -> list[RewardModelSpec]:
+        """The reward models trained: itself, or one per seed of a WARM average."""
+        if not self.seeds:
+            return [self]
+        return [self.model_copy(update={"seed": s, "seeds": [], "name": f"{self.name}-seed{s}",
+                                        "output": f"{self.output}-seed{s}"}) for s in self.seeds]
+
+    def average(self) -> MergeSpec | None:
+        """The WARM soup of the members (None without ``seeds``)."""
+        if not self.seeds:
+            return None
+        return MergeSpec(method="uniform", models=[Ingredient(model=m.output) for m in self.members()],
+                         output=self.output)
 
 
 class PathSpec(Strict):
@@ -467,6 +494,46 @@ class PathSpec(Strict):
     """Model at alpha = 1."""
     points: int = Field(9, ge=2)
     """Points over alpha in [-0.5, 1.5]."""
+
+
+class FrontSpec(Strict):
+    """One ``eval.fronts`` entry: models on the line from ``a`` to ``b``, measured over a grid.
+
+    LITI (WARP, arXiv 2406.16768): ``a`` the init, ``b`` the merged policy, ``axis: eta``, axes
+    ``[kl_init, gold]``. Rewarded soups (arXiv 2306.04488): ``a`` and ``b`` trained on two rewards,
+    axes the two rewards."""
+
+    name: str
+    """Name of the front in the report and its plot ``front-NAME.png``."""
+    a: str
+    """Model at 0: a checkpoint dir (a soup, an align run's ``final``)."""
+    b: str
+    """Model at 1."""
+    axis: str = "lambda"
+    """The grid's variable as the report names it (``eta`` for LITI)."""
+    values: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    """Grid: the model at v is ``(1 - v) * a + v * b`` (0 is a, 1 is b, bit for bit)."""
+    rewards: dict[str, str] = {}
+    """More scores at every point: ``{name: module:function or reward model dir}``."""
+    axes: list[str] = []
+    """The two metrics of the front, e.g. ``[kind, focus]`` or ``[kl_init, gold]`` (KL: lower is better);
+    default: ``[kl_<first eval reference>, gold]`` (``reward`` without a gold judge)."""
+    others: dict[str, str] = {}
+    """Models measured the same way and compared with the front at their x, e.g. a baseline's policy."""
+
+    @field_validator("values")
+    @classmethod
+    def _grid(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("at least one value is needed")
+        return [_check_number(v, "values") for v in value]
+
+    @field_validator("axes")
+    @classmethod
+    def _two(cls, value: list[str]) -> list[str]:
+        if value and (len(value) != 2 or value[0] == value[1]):
+            raise ValueError("axes: give two different metrics, e.g. [kl_init, gold]")
+        return value
 
 
 class EvalSpec(Strict):
@@ -501,6 +568,16 @@ class EvalSpec(Strict):
     """Bootstrap resamples for the intervals."""
     path: PathSpec | None = None
     """Also measure reward along the line between two models (e.g. SFT-A -> SFT-B)."""
+    fronts: list[FrontSpec] = []
+    """Fronts over a grid between two models: WARP's LITI, rewarded soups (``soupkit.evaluation.front``)."""
+
+    @field_validator("fronts")
+    @classmethod
+    def _names(cls, value: list[FrontSpec]) -> list[FrontSpec]:
+        names = [f.name for f in value]
+        if len(set(names)) < len(names):
+            raise ValueError("two fronts have the same name")
+        return value
 
 
 class Recipe(Strict):
@@ -532,8 +609,7 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> Recipe:
-        names = ([s.name for s in self.sft or []] + [s.name for s in self.soups()]
-                 + ([self.reward_model.name] if self.reward_model else []))
+        names = ([s.name for s in self.sft or []] + [s.name for s in self.soups()] + [r.name for r in self.reward_models()])
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"the name {twice[0]!r} is given to two SFT runs, soups or reward models; names must differ")
@@ -543,10 +619,15 @@ class Recipe(Strict):
         """Every soup of ``merge:``, sweeps expanded."""
         return expand_soups(self.merge)
 
+    def reward_models(self) -> list[RewardModelSpec]:
+        """The reward model, and the members of a WARM average."""
+        rm = self.reward_model
+        return [] if rm is None else [rm] + (rm.members() if rm.seeds else [])
+
     def outputs_by_name(self) -> dict[str, str]:
-        """``{name: output}`` of the recipe's SFT runs, soups and reward model."""
+        """``{name: output}`` of the recipe's SFT runs, soups and reward models."""
         named = {s.name: s.output for s in self.sft or []} | {s.name: s.spec.output or "" for s in self.soups()}
-        return named | ({self.reward_model.name: self.reward_model.output} if self.reward_model else {})
+        return named | {r.name: r.output for r in self.reward_models()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,7 +644,7 @@ def load_recipe(source: str | Path | Mapping[str, Any], overrides: Iterable[str]
 
 
 MODEL_KEYS = {"sft": ("base",), "reward_model": ("base",), "merge": ("models", "base"),
-              "align": ("ref", "init", "reward", "watch"), "eval": ("reward", "references", "path")}
+              "align": ("ref", "init", "reward", "watch"), "eval": ("reward", "references", "path", "fronts")}
 """Where a recipe names a model, per section: these values may be a path or the name of an SFT run,
 soup or reward model of the recipe (``align.runs`` entries take the align keys)."""
 
@@ -595,6 +676,9 @@ def _named(key: str, value: Any, names: dict[str, str]) -> Any:
         return names.get(value, value)
     if isinstance(value, list):
         return [_named(key, v, names) for v in value]
+    if key == "fronts" and isinstance(value, dict):  # a front's models; its names and rewards stay as they are
+        return {**value, **{k: names.get(value[k], value[k]) for k in ("a", "b") if k in value},
+                **({"others": {n: names.get(p, p) for n, p in value["others"].items()}} if "others" in value else {})}
     if isinstance(value, dict):
         only = {"path": ("a", "b"), "models": ("model",)}.get(key)
         return {k: _named(key, v, names) if only is None or k in only else v for k, v in value.items()}

@@ -105,6 +105,28 @@ def gold_reward(prompts: Sequence[str], completions: Sequence[str], **_: object)
     return [gold_score(p, c) for p, c in zip(prompts, completions)]
 
 
+def kind_score(prompt_text: str, completion: str) -> float:
+    """The gold judge's kindness term alone: +0.5 per good, -0.5 per bad adjective (2 counted)."""
+    tokens = completion.split(EOS)[0].split()
+    return 0.5 * min(sum(t in GOOD for t in tokens), 2) - 0.5 * min(sum(t in BAD for t in tokens), 2)
+
+
+def focus_score(prompt_text: str, completion: str) -> float:
+    """The gold judge's other terms (on topic, short, no repeats, no other animals):
+    ``gold_score = kind_score + focus_score``."""
+    return gold_score(prompt_text, completion) - kind_score(prompt_text, completion)
+
+
+def kind_reward(prompts: Sequence[str], completions: Sequence[str], **_: object) -> list[float]:
+    """Reward function of the kindness term: one of the two rewards of the rewarded-soups recipe."""
+    return [kind_score(p, c) for p, c in zip(prompts, completions)]
+
+
+def focus_reward(prompts: Sequence[str], completions: Sequence[str], **_: object) -> list[float]:
+    """Reward function of the focus terms: the other reward of the rewarded-soups recipe."""
+    return [focus_score(p, c) for p, c in zip(prompts, completions)]
+
+
 def preference_pairs(n: int, seed: int, temperature: float = 0.5) -> list[dict[str, str]]:
     """``prompt``/``chosen``/``rejected`` labelled by the gold judge with Bradley-Terry noise:
     the better answer is chosen with probability sigmoid((g_a - g_b) / temperature)."""

@@ -23,6 +23,7 @@ import torch
 from soupkit.errors import SoupkitError
 from soupkit.provenance import write_provenance
 from soupkit.recipe import AlignSpec, resume_settings
+from soupkit.rlhf import ema
 from soupkit.rlhf.global_batch import global_batch_size
 from soupkit.rlhf.sharding import full_optimizer_state, full_state_dicts, load_optimizer_state
 from soupkit.storage import atomic_output_dir, check_free_space, check_output_free, write_errors
@@ -157,16 +158,18 @@ def kept(run: Run) -> str:
 
 
 def checkpoint_bytes(run: Run) -> int:
-    """Bytes one checkpoint takes: policy (only its adapter with LoRA) and critic weights, and
-    AdamW's two moments per trained parameter. Sharded parameters count whole (checkpoints hold
-    whole tensors); tokenizer and RNG files are left out (kilobytes to a few MB)."""
+    """Bytes one checkpoint takes: policy (only its adapter with LoRA) and critic weights, AdamW's
+    two moments per trained parameter, and the moving reference of ``ref_ema``. Sharded parameters
+    count whole (checkpoints hold whole tensors); tokenizer and RNG files are left out (kilobytes to
+    a few MB)."""
     def size(p: torch.Tensor) -> int:
         return (getattr(p, "ds_numel", None) or p.numel()) * p.element_size()
 
     policy, critic = run.models.policy, run.models.critic
     trained = [p for p in (*policy.parameters(), *critic.parameters()) if p.requires_grad]
     saved = [p for p in policy.parameters() if p.requires_grad or not run.spec.lora_rank]
-    return sum(map(size, saved)) + sum(map(size, critic.parameters())) + 2 * sum(map(size, trained))
+    moving = sum(map(size, run.models.refs[0].parameters())) if run.spec.ref_ema is not None else 0  # align.ref_ema
+    return sum(map(size, saved)) + sum(map(size, critic.parameters())) + 2 * sum(map(size, trained)) + moving
 
 
 def check_space(run: Run) -> None:
@@ -191,6 +194,8 @@ def save(run: Run, step: int) -> Path | None:
     state = {"step": step, "optimizer": optimizer, "scheduler": run.scheduler.state_dict(),
              "kl_ctl": run.kl_ctl.state_dict(), "rng": rng_state(), "spec": resume_settings(run.spec),
              "global_batch_size": global_batch_size(acc, run.spec.batch_size)}
+    if run.spec.ref_ema is not None:  # the moving reference is state: a resumed run continues its average
+        state["ema_ref"] = ema.state(run.models.refs[0])
     # A LoRA policy saves its adapter only; resuming rebuilds it on the init's weights.
     with write_errors(target, kept(run)):
         return save_checkpoint(run.out, step, run.models.policy, run.models.critic.seq_cls,
@@ -210,6 +215,8 @@ def restore(run: Run, resume_dir: Path) -> None:
     if any(isinstance(key, int) for key in state["optimizer"].get("state", {})):
         raise SoupkitError(f"--resume: {resume_dir} was written by an earlier soupkit whose optimiser state is "
                            "keyed by position; it cannot be resumed, start a new --out")
+    if run.spec.ref_ema is not None:
+        ema.load(run.models.refs[0], state.get("ema_ref"), str(resume_dir))
     load_optimizer_state(run.trained, run.optimizer, state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.kl_ctl.load_state_dict(state["kl_ctl"])

@@ -28,7 +28,7 @@ from soupkit.hostmem import keep_freed_memory
 from soupkit.launch import check_launch, deepspeed_launch, fsdp_launch, processes
 from soupkit.locking import check_not_being_written, writing
 from soupkit.recipe import AlignSpec
-from soupkit.rlhf import checkpoints
+from soupkit.rlhf import checkpoints, ema
 from soupkit.rlhf.advantage import explained_variance, gae, masked_mean, per_token_rewards
 from soupkit.rlhf.config import lr_factor, micro_batch_size, with_precision
 from soupkit.rlhf.global_batch import (
@@ -111,6 +111,8 @@ def _train(spec: AlignSpec, out_dir: Path, force: bool, resume: bool, progress: 
     check_launch(spec.lora_rank)
     defer(0)  # a stop request left by an earlier run in this process is not this run's
     spec = with_precision(spec)
+    ema.check(spec)
+    spec = ema.with_init_watch(spec)
     check_not_being_written(_inputs(spec), "align: input")
     check_writable(out_dir, into=True)
     resume_dir = checkpoints.check_output(out_dir, force, resume)
@@ -146,6 +148,8 @@ def setup(spec: AlignSpec, sources: Sources, out: Path, resume_dir: Path | None)
         keep_freed_memory()
     models = load_models(spec, sources, accelerator.device, resume_dir)
     spec = spec.model_copy(update={"attention": models.attention})  # auto, decided: recorded as run
+    if spec.ref_ema is not None:
+        models.refs[0] = ema.prepare(models.refs[0])
     trained, optimizer = prepare_trained(accelerator, spec, models)
     kind = sharding(trained)
     if accelerator.num_processes > 1 and accelerator.is_main_process:  # what accelerate made of the launch
@@ -393,6 +397,8 @@ def _optimizer_step(run: Run) -> None:
         acc.clip_grad_norm_(run.models.critic.parameters(), spec.max_grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if spec.ref_ema is not None:  # WARP's moving anchor follows every update (arXiv 2406.16768)
+        ema.update(run.models.refs[0], run.models.policy, spec.ref_ema)
 
 
 def _check_finite(run: Run, loss: torch.Tensor, step: int) -> None:
