@@ -545,11 +545,21 @@ def _run_eval(spec: Any, align: AlignSection, points: dict[Path, list[tuple[str,
     baseline = spec.baseline or runs[0].method
     if baseline not in {r.method for r in runs}:
         raise SoupkitError(f"eval.baseline: {baseline!r} is not an align run ({', '.join(sorted({r.method for r in runs}))})")
+    judge = _judge_job(spec)
     with atomic_output_dir(Path(spec.output), force) as tmp:
         path = _path_report(spec, align) if spec.path else None
         return evaluate(runs, prompts, tmp, reward=spec.reward or align.reward, gold=spec.gold_reward,
                         references=spec.references, baseline=baseline, n_boot=spec.bootstrap, path=path,
-                        progress=progress)
+                        progress=progress, judge=judge)
+
+
+def _judge_job(spec: Any) -> Any:
+    """The judged evaluation ``eval.judge`` asks for (None without one), its inputs checked now."""
+    if spec.judge is None:
+        return None
+    from soupkit.evaluation.judging import prepare
+
+    return prepare(spec)
 
 
 def _sampling(spec: Any, run: AlignSpec) -> Any:
