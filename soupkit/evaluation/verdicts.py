@@ -71,7 +71,7 @@ SOUPKIT = {
         "turn2": ("{reference}[Dialogue with assistant A]\n{history_a}\n\n[Dialogue with assistant B]\n{history_b}"
                   "\n\n[User's latest message]\n{question}\n\n[Answer A]\n{answer_a}\n[End of answer A]\n\n"
                   "[Answer B]\n{answer_b}\n[End of answer B]\n\nCompare only the replies to the latest message."),
-        "pattern": r"\[\[\s*([AB]\s*(?:>>|>|=|<<|<)\s*[AB])\s*\]\]",
+        "pattern": r"(?i)\[\[\s*([AB]\s*(?:>>|>|=|<<|<)\s*[AB])\s*\]\]",
     },
 }
 
