@@ -25,9 +25,9 @@ def judge_lines(judge: dict[str, Any] | None) -> list[str]:
              f"the cache. Unparsed verdicts are counted and left out of every mean. Intervals resample seeds, "
              "then questions."]
     for name, result in judge["sets"].items():
-        lines += ["", f"### {name}: {result['questions']} questions, up to {result['turns']} turn(s)"]
+        lines += ["", f"### {name}: {result['questions']} question(s), up to {result['turns']} turn(s)"]
         lines += _single(result.get("single")) + _pairwise(result.get("pairwise")) + _categories(result)
-        lines += [f"![{p}]({p}.png)" for p in _plot_names(name, result)]
+        lines += ["", *[f"![{p}]({p}.png)" for p in _plot_names(name, result)]]
     return lines
 
 
@@ -48,7 +48,7 @@ def _pairwise(pairs: dict[str, Any] | None) -> list[str]:
         return []
     lines = ["", "Pairwise, both orders (verdicts from the run's side, ties as half a win):", "",
              "| run | against | win rate | " + " | ".join(f"`{v}`" for v in SCALE) + " | unparsed | swap consistency |",
-             "|---" * (len(SCALE) + 6) + "|"]
+             "|---" * (len(SCALE) + 5) + "|"]
     for key, e in pairs.items():
         consistency = "–" if e["consistency"] is None else f"{e['consistency']:.1%} of {e['both_orders_parsed']}"
         lines.append(f"| {key} | {e['against']} | {format_ci(e['win_rate'])} | "
@@ -63,7 +63,11 @@ def _verdict_sentence(key: str, e: dict[str, Any]) -> str:
         return f"- **{key}**: no verdict against {e['against']} parsed; no win rate."
     win, lo, hi = e["win_rate"]
     where = "above" if lo > 0.5 else "below" if hi < 0.5 else "containing"
-    return f"- **{key}** vs {e['against']}: win rate {win:.1%}, interval [{lo:.1%}, {hi:.1%}] {where} 50%."
+    line = f"- **{key}** vs {e['against']}: win rate {win:.1%}, interval [{lo:.1%}, {hi:.1%}] {where} 50%."
+    if e["consistency"] is not None and e["consistency"] < 0.5:
+        line += (f" The two orders agree on only {e['consistency']:.0%} of pairs: the judge's verdicts follow "
+                 "the answers' positions more than their content, so this win rate says little.")
+    return line
 
 
 def _categories(result: dict[str, Any]) -> list[str]:
