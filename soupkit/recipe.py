@@ -465,6 +465,19 @@ class PathSpec(Strict):
     """Points over alpha in [-0.5, 1.5]."""
 
 
+class QuestionSet(Strict):
+    """One ``eval.sets`` entry given in full (a plain string is its ``source``)."""
+
+    source: str
+    """``.jsonl`` / ``.txt`` file, saved dataset or Hub dataset."""
+    split: str | None = None
+    """Split of a dataset (default: ``eval.prompt_split``)."""
+    field: str | None = None
+    """Field holding a plain prompt (default: ``eval.prompt_field``); MT-Bench and Arena-Hard rows need none."""
+    protocols: list[Literal["single", "pairwise"]] | None = Field(None, min_length=1)
+    """Protocols for this set (default: ``eval.judge.protocols``), e.g. ``[single]`` for MT-Bench."""
+
+
 class JudgeSpec(Strict):
     """``eval.judge``: an LLM judge grading the policies' answers (MT-Bench / Arena-Hard style).
 
@@ -558,9 +571,10 @@ class EvalSpec(Strict):
     """Also measure reward along the line between two models (e.g. SFT-A -> SFT-B)."""
     judge: JudgeSpec | None = None
     """An LLM judge grading every run's answers on ``sets`` (default: the ``prompts``)."""
-    sets: dict[str, str] = {}
-    """Question sets the judge grades, ``{name: source}``: MT-Bench or Arena-Hard question files
-    (``.jsonl``), or any prompt file or dataset ``prompts`` takes, e.g. ``{mt-bench: ..., arena-hard: ...}``."""
+    sets: dict[str, str | QuestionSet] = {}
+    """Question sets the judge grades, ``{name: source}``: MT-Bench or Arena-Hard questions (files or
+    datasets), or any prompt file or dataset ``prompts`` takes; ``{name: {source, split, field}}`` to
+    choose a dataset's split."""
 
     @model_validator(mode="after")
     def _sets_need_judge(self) -> EvalSpec:

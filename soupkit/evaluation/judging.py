@@ -11,7 +11,7 @@ reports how often the two orders agree (position-swap consistency).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class JudgeJob:
     protocols: tuple[str, ...]
     answer_tokens: int | None = None
     question_tokens: int = 1024
+    set_protocols: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Protocols of the sets that name their own (the others use ``protocols``)."""
 
 
 def prepare(spec: Any) -> JudgeJob:
@@ -46,11 +48,18 @@ def prepare(spec: Any) -> JudgeJob:
 
     judge_spec = spec.judge
     sources = spec.sets or {"prompts": spec.prompts}
-    sets = {name: load_questions(src, spec.prompt_field, spec.prompt_split) for name, src in sources.items()}
+    sets, own = {}, {}
+    for name, src in sources.items():
+        if isinstance(src, str):
+            sets[name] = load_questions(src, spec.prompt_field, spec.prompt_split)
+            continue
+        sets[name] = load_questions(src.source, src.field or spec.prompt_field, src.split or spec.prompt_split)
+        if src.protocols:
+            own[name] = tuple(dict.fromkeys(src.protocols))
     cache = Path(judge_spec.cache or f"{Path(spec.output).expanduser()}-judge-cache.jsonl").expanduser()
     return JudgeJob(make_judge(judge_spec), verdicts.load_templates(judge_spec.template), JudgmentCache(cache), sets,
                     tuple(dict.fromkeys(judge_spec.protocols)), judge_spec.max_answer_tokens or spec.max_new_tokens,
-                    judge_spec.max_question_tokens)
+                    judge_spec.max_question_tokens, own)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,16 +223,16 @@ def _opponents(runs: Sequence[Any], members: list[int], baseline: str) -> tuple[
 
 
 def judge_set(job: JudgeJob, runs: Sequence[Any], questions: list[Question], answers: list[Answers], baseline: str,
-              n_boot: int) -> dict[str, Any]:
-    """Both protocols on one question set: ``{questions, categories, single?, pairwise?}``."""
+              n_boot: int, protocols: tuple[str, ...]) -> dict[str, Any]:
+    """The protocols on one question set: ``{questions, turns, categories, single?, pairwise?}``."""
     out: dict[str, Any] = {"questions": len(questions), "turns": max(len(q.turns) for q in questions),
-                           "categories": sorted({q.category for q in questions})}
+                           "categories": sorted({q.category for q in questions}), "protocols": list(protocols)}
     families = _families(runs)
-    if "single" in job.protocols:
+    if "single" in protocols:
         out["single"] = {key: {"seeds": [runs[i].seed for i in idx]} |
                          summarise_single(questions, [grade(job, questions, answers[i]) for i in idx], n_boot)
                          for key, idx in families.items()}
-    if "pairwise" in job.protocols:
+    if "pairwise" in protocols:
         out["pairwise"] = {}
         for key, idx in families.items():
             if (against := _opponents(runs, idx, baseline)) is not None:
@@ -238,7 +247,8 @@ def run_judge(job: JudgeJob, runs: Sequence[Any], baseline: str, n_boot: int) ->
     sets = {}
     for name, questions in job.sets.items():
         answers = [answer(run, questions, job) for run in runs]
-        sets[name] = judge_set(job, runs, questions, answers, baseline, n_boot)
+        sets[name] = judge_set(job, runs, questions, answers, baseline, n_boot,
+                               job.set_protocols.get(name, job.protocols))
         sets[name]["examples"] = [{"question": questions[0].turns[0], "run": f"{r.method}@{r.kl_coef:g} seed {r.seed}",
                                    "answer": a[0][0]} for r, a in zip(runs, answers)][:4]
     return {"judge": job.judge.name, "template": job.templates.source, "protocols": list(job.protocols),
