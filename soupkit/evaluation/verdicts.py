@@ -47,7 +47,7 @@ _SINGLE_SYSTEM = (
     "You grade answers written by an AI assistant. Judge how well the answer serves the user: whether it is "
     "correct, helpful, relevant, complete where it matters, and clear. Length is not merit: a short answer that "
     "does the job beats a long one that pads. When a reference answer is given, check the answer against it. "
-    "Explain your grade in a few sentences, then give it on the last line exactly as \"Grade: [[N]]\" with N a "
+    "Explain your grade in a few sentences, then give it on the last line exactly as \"Grade: [[G]]\" with G a "
     "whole number from 1 (useless or wrong) to 10 (could not be better).")
 _PAIR_SYSTEM = (
     "You compare two answers written by AI assistants to the same user message. Decide which serves the user "
