@@ -314,10 +314,18 @@ def units(recipe: Recipe, log: Log) -> list[Unit]:
         reward = e.reward or (recipe.align.reward if recipe.align else "")
         reads = ([str(path) for *_, path in runs] + [e.prompts, reward]
                  + ([e.gold_reward] if e.gold_reward else []) + list(e.references.values())
-                 + ([e.path.a, e.path.b] if e.path else []))
+                 + ([e.path.a, e.path.b] if e.path else []) + _judge_reads(e))
         work.append(Unit("eval", "eval", Path(e.output), to_plain(e), lambda force: run_eval(recipe, force=force),
                          tuple(r for r in reads if r), {"eval": to_plain(e), "align": to_plain(recipe.align) if recipe.align else None}))
     return work
+
+
+def _judge_reads(e: Any) -> list[str]:
+    """What a judged eval reads besides the runs: its question sets, template file and local judge."""
+    if e.judge is None:
+        return []
+    sets = [s if isinstance(s, str) else s.source for s in e.sets.values()]
+    return sets + ([e.judge.template] if e.judge.template else []) + ([] if e.judge.endpoint else [e.judge.model])
 
 
 def _align_unit(name: str, seed: int, coef: float, spec: AlignSpec, path: Path, log: Log) -> Unit:

@@ -119,6 +119,18 @@ class LocalJudge:
         self.path, self.max_tokens, self.temperature, self.batch_size = path.resolve(), max_tokens, temperature, batch_size
         self.device, self.dtype = device, dtype
         self._model: Any = None
+        self._tok = self._tokenizer()  # cheap, and a judge without a chat template fails now, not after eval
+
+    def _tokenizer(self) -> Any:
+        from soupkit.loading import load_tokenizer
+
+        tok = load_tokenizer(self.path, "eval.judge.model")
+        if not getattr(tok, "chat_template", None):
+            raise SoupkitError(f"eval.judge.model: {self.path} has no chat template; a judge must be a chat model")
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
 
     @property
     def name(self) -> str:
@@ -128,16 +140,10 @@ class LocalJudge:
         if self._model is None:
             import torch
 
-            from soupkit.loading import causal_lm, load_tokenizer
+            from soupkit.loading import causal_lm
 
             device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
             dtype = getattr(torch, self.dtype) if self.dtype else (torch.bfloat16 if device != "cpu" else torch.float32)
-            self._tok = load_tokenizer(self.path, "eval.judge.model")
-            if not getattr(self._tok, "chat_template", None):
-                raise SoupkitError(f"eval.judge.model: {self.path} has no chat template; a judge must be a chat model")
-            self._tok.padding_side = "left"
-            if self._tok.pad_token is None:
-                self._tok.pad_token = self._tok.eos_token
             self._model = causal_lm(self.path, "eval.judge.model", dtype=dtype, device=device)
         return self._model, self._tok
 

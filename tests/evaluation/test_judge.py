@@ -214,3 +214,12 @@ def test_the_cache_asks_only_for_new_chats_and_survives_a_torn_line(tmp_path):
         assert server.calls == 6
     lines = (tmp_path / "c.jsonl").read_text().splitlines()
     assert sum(1 for line in lines if line.startswith('{"key": "torn')) == 1 and len(lines) == 7
+
+
+def test_a_local_judge_must_be_a_chat_model_and_is_refused_at_once(tmp_path, llama_pair):
+    from soupkit.evaluation.judge import LocalJudge
+
+    with pytest.raises(SoupkitError, match="has no chat template; a judge must be a chat model"):
+        LocalJudge(str(llama_pair[0]))
+    with pytest.raises(SoupkitError, match="is not a model directory"):
+        LocalJudge(str(tmp_path))
