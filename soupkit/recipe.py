@@ -497,6 +497,8 @@ class JudgeSpec(Strict):
     """YAML file of judge prompts replacing soupkit's own (see README, "Judge templates")."""
     max_answer_tokens: int | None = Field(None, ge=1)
     """Length of the policies' answers (default: ``eval.max_new_tokens``, else the run's)."""
+    answer_device: str = "auto"
+    """Where the policies answer the questions: ``auto`` (CUDA when available), ``cpu``, ``cuda:1``, ..."""
     max_question_tokens: int = Field(1024, ge=1)
     """Longest question, with the dialogue so far, fed to a policy (longer keeps its last tokens)."""
     max_tokens: int = Field(512, ge=1)

@@ -140,9 +140,10 @@ class LocalJudge:
         if self._model is None:
             import torch
 
+            from soupkit.evaluation.judging import device as resolve
             from soupkit.loading import causal_lm
 
-            device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+            device = resolve(self.device)
             dtype = getattr(torch, self.dtype) if self.dtype else (torch.bfloat16 if device != "cpu" else torch.float32)
             self._model = causal_lm(self.path, "eval.judge.model", dtype=dtype, device=device)
         return self._model, self._tok

@@ -37,6 +37,7 @@ class JudgeJob:
     protocols: tuple[str, ...]
     answer_tokens: int | None = None
     question_tokens: int = 1024
+    answer_device: str = "cpu"
     set_protocols: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Protocols of the sets that name their own (the others use ``protocols``)."""
 
@@ -59,7 +60,7 @@ def prepare(spec: Any) -> JudgeJob:
     cache = Path(judge_spec.cache or f"{Path(spec.output).expanduser()}-judge-cache.jsonl").expanduser()
     return JudgeJob(make_judge(judge_spec), verdicts.load_templates(judge_spec.template), JudgmentCache(cache), sets,
                     tuple(dict.fromkeys(judge_spec.protocols)), judge_spec.max_answer_tokens or spec.max_new_tokens,
-                    judge_spec.max_question_tokens, own)
+                    judge_spec.max_question_tokens, judge_spec.answer_device, own)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def answer(run: Any, questions: Sequence[Question], job: JudgeJob) -> Answers:
     how = replace(run.how, max_new_tokens=job.answer_tokens or run.how.max_new_tokens,
                   max_prompt_tokens=job.question_tokens)
     chat = policy_chat(run.path, how.chat_template, f"policy {run.path}")
-    policy = causal_lm(run.path, "policy")
+    policy = causal_lm(run.path, "policy", device=device(job.answer_device))
     out: Answers = [[] for _ in questions]
     for turn in range(max(len(q.turns) for q in questions)):
         idx = [i for i, q in enumerate(questions) if len(q.turns) > turn]
@@ -94,6 +95,13 @@ def answer(run: Any, questions: Sequence[Question], job: JudgeJob) -> Answers:
         for i, text in zip(idx, completions(sample(policy, chat.tokenizer, texts, how, chat.stops), chat)):
             out[i].append(text)
     return out
+
+
+def device(setting: str) -> str:
+    """``auto``: CUDA when available, else the CPU; any other setting as given."""
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if setting == "auto" else setting
 
 
 # ---------------------------------------------------------------------------------------------
