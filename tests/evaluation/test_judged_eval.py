@@ -76,6 +76,12 @@ def _run(recipe: dict, tmp_path: Path, url: str, force: bool = False) -> dict:
     return json.loads((tmp_path / "eval" / "results.json").read_text())["judge"]
 
 
+def _eval_step(tmp_path: Path):
+    from soupkit.pipeline import plan
+
+    return next(s for s in plan(tmp_path / "recipe.yaml", log=lambda _: None) if s.unit.stage == "eval")
+
+
 def test_judged_eval_end_to_end(recipe, tmp_path):
     with JudgeServer(scripted) as server:
         judge = _run(recipe, tmp_path, server.url)
@@ -107,6 +113,15 @@ def test_judged_eval_end_to_end(recipe, tmp_path):
                 "2 of 8 |") in report
         for name in ("judge-mt-bench-single", "judge-mt-bench-pairwise", "judge-arena-hard-single"):
             assert f"![{name}]({name}.png)" in report and (tmp_path / "eval" / f"{name}.png").is_file()
+
+        eval_step = _eval_step(tmp_path)
+        assert eval_step.action == "skip"
+        arena = Path(recipe["eval"]["sets"]["arena-hard"])
+        kept = arena.read_text()
+        arena.write_text(kept.replace("red fish", "blue fish"))  # a question set is an input of eval
+        eval_step = _eval_step(tmp_path)
+        assert eval_step.action == "run" and "ah.jsonl changed" in eval_step.why, eval_step.why
+        arena.write_text(kept)
 
         calls = server.calls
         again = _run(recipe, tmp_path, server.url, force=True)
