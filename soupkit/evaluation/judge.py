@@ -10,6 +10,7 @@ it is not part of the judge's name, the cache, an error message or any file writ
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import time
@@ -88,7 +89,7 @@ class EndpointJudge:
                 raise _Retry(f"HTTP {exc.code}") from None
             raise SoupkitError(f"eval.judge: {self.endpoint}/chat/completions answered HTTP {exc.code} "
                                f"({exc.reason}); check endpoint, model and api_key_env") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
             raise _Retry(type(exc).__name__ + (f" ({exc.reason})" if isinstance(exc, urllib.error.URLError) else "")) from None
 
 
@@ -102,9 +103,9 @@ def _reply(raw: bytes) -> str:
         content = json.loads(raw)["choices"][0]["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError):
         raise _Retry("a response that is not a chat completion") from None
-    if not isinstance(content, str):
-        raise _Retry("a response without message text")
-    return content
+    if content is not None and not isinstance(content, str):
+        raise _Retry("a response whose message content is not text")
+    return content or ""  # no text (a refusal, say) is a reply without a verdict: counted as unparsed
 
 
 class LocalJudge:

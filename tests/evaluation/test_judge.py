@@ -162,6 +162,13 @@ def test_errors_are_retried_with_doubling_waits_then_answered():
     assert server.requests[-1] == {"model": "judge-model", "messages": CHAT, "max_tokens": 512, "temperature": 0.0}
 
 
+def test_a_reply_without_text_is_an_empty_reply_not_a_failure():
+    body = json.dumps({"choices": [{"message": {"role": "assistant", "content": None}}]})
+    with JudgeServer(lambda b, n: (200, body, 0)) as server:
+        assert endpoint(server).complete([CHAT]) == [""]
+    assert server.calls == 1 and verdicts.parse_grade("", SINGLE) is None
+
+
 def test_a_slow_server_times_out_and_is_retried():
     with JudgeServer(lambda body, n: (200, completion("late"), 1.5 if n == 1 else 0)) as server:
         assert endpoint(server, timeout=0.5).complete([CHAT]) == ["late"]
