@@ -323,7 +323,7 @@ def units(recipe: Recipe, log: Log) -> list[Unit]:
         reward = e.reward or (recipe.align.reward if recipe.align else "")
         reads = ([str(path) for *_, path in runs] + [e.prompts, reward]
                  + ([e.gold_reward] if e.gold_reward else []) + list(e.references.values())
-                 + ([e.path.a, e.path.b] if e.path else [])
+                 + ([e.path.a, e.path.b] if e.path else []) + _judge_reads(e)
                  + [m for f in e.fronts for m in (f.a, f.b, *f.others.values(), *f.rewards.values())])
         work.append(Unit("eval", "eval", Path(e.output), to_plain(e), lambda force: run_eval(recipe, force=force),
                          tuple(r for r in reads if r), {"eval": to_plain(e), "align": to_plain(recipe.align) if recipe.align else None}))
@@ -338,6 +338,14 @@ def _warm_average(spec: Any, force: bool) -> Any:
         raise SoupkitError("reward_model.seeds: the WARM average is a merge and runs in one process; rerun "
                            "soupkit run without the launcher (the trained members are kept)")
     return run_merge(spec, force=force)
+
+
+def _judge_reads(e: Any) -> list[str]:
+    """What a judged eval reads besides the runs: its question sets, template file and local judge."""
+    if e.judge is None:
+        return []
+    sets = [s if isinstance(s, str) else s.source for s in e.sets.values()]
+    return sets + ([e.judge.template] if e.judge.template else []) + ([] if e.judge.endpoint else [e.judge.model])
 
 
 def _align_unit(name: str, seed: int, coef: float, spec: AlignSpec, path: Path, log: Log) -> Unit:
@@ -566,16 +574,26 @@ def _run_eval(spec: Any, align: AlignSection, points: dict[Path, list[tuple[str,
     if baseline not in {r.method for r in runs}:
         raise SoupkitError(f"eval.baseline: {baseline!r} is not an align run ({', '.join(sorted({r.method for r in runs}))})")
     axes = _front_axes(spec)
+    judge = _judge_job(spec)
     with atomic_output_dir(Path(spec.output), force) as tmp:
         path = _path_report(spec, align) if spec.path else None
         results = evaluate(runs, prompts, tmp, reward=spec.reward or align.reward, gold=spec.gold_reward,
                            references=spec.references, baseline=baseline, n_boot=spec.bootstrap, path=path,
-                           progress=progress)
+                           progress=progress, judge=judge)
         if spec.fronts:
             from soupkit.evaluation.front import write_fronts
 
             results["fronts"] = write_fronts(spec, axes, prompts, _sampling(spec, align), spec.reward or align.reward, tmp)
         return results
+
+
+def _judge_job(spec: Any) -> Any:
+    """The judged evaluation ``eval.judge`` asks for (None without one), its inputs checked now."""
+    if spec.judge is None:
+        return None
+    from soupkit.evaluation.judging import prepare
+
+    return prepare(spec)
 
 
 def _front_axes(spec: Any) -> list[list[str]]:

@@ -536,6 +536,80 @@ class FrontSpec(Strict):
         return value
 
 
+class QuestionSet(Strict):
+    """One ``eval.sets`` entry given in full (a plain string is its ``source``)."""
+
+    source: str
+    """``.jsonl`` / ``.txt`` file, saved dataset or Hub dataset."""
+    split: str | None = None
+    """Split of a dataset (default: ``eval.prompt_split``)."""
+    field: str | None = None
+    """Field holding a plain prompt (default: ``eval.prompt_field``); MT-Bench and Arena-Hard rows need none."""
+    protocols: list[Literal["single", "pairwise"]] | None = Field(None, min_length=1)
+    """Protocols for this set (default: ``eval.judge.protocols``), e.g. ``[single]`` for MT-Bench."""
+
+
+class JudgeSpec(Strict):
+    """``eval.judge``: an LLM judge grading the policies' answers (MT-Bench / Arena-Hard style).
+
+    A local HF chat model directory run in-process (``model`` alone, or the whole value a path), or
+    an OpenAI-compatible chat-completions server (``endpoint`` + ``model``, e.g. vLLM or llama.cpp)."""
+
+    model: str
+    """Local judge: an HF chat model directory. Endpoint judge: the model name the server serves."""
+    endpoint: str | None = None
+    """Base URL of an OpenAI-compatible server, e.g. ``http://127.0.0.1:8000/v1``."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the endpoint's API key (the key is never written)."""
+    protocols: list[Literal["single", "pairwise"]] = Field(["single", "pairwise"], min_length=1)
+    """``single``: each answer graded 1-10, per turn; ``pairwise``: each run against ``eval.baseline``
+    in both orders, five-point verdicts, ties as half a win."""
+    template: str | None = None
+    """YAML file of judge prompts replacing soupkit's own (see README, "Judge templates")."""
+    max_answer_tokens: int | None = Field(None, ge=1)
+    """Length of the policies' answers (default: ``eval.max_new_tokens``, else the run's)."""
+    answer_device: str = "auto"
+    """Where the policies answer the questions: ``auto`` (CUDA when available), ``cpu``, ``cuda:1``, ..."""
+    max_question_tokens: int = Field(1024, ge=1)
+    """Longest question, with the dialogue so far, fed to a policy (longer keeps its last tokens)."""
+    max_tokens: int = Field(512, ge=1)
+    """Length of the judge's reply."""
+    temperature: float = Field(0.0, ge=0)
+    """Judge sampling temperature (0: greedy)."""
+    device: str = "auto"
+    """Local judge: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ..."""
+    dtype: Dtype | None = None
+    """Local judge: weights dtype (default: bfloat16 on a GPU, float32 on a CPU)."""
+    batch_size: int = Field(8, ge=1)
+    """Local judge: prompts per generate call. Endpoint judge: requests in flight at once."""
+    timeout: float = Field(120.0, gt=0)
+    """Endpoint judge: seconds to wait for one reply."""
+    retries: int = Field(4, ge=0)
+    """Endpoint judge: retries of a failed request (connection error, timeout, HTTP 408/429/5xx)."""
+    backoff: float = Field(2.0, ge=0)
+    """Endpoint judge: first wait in seconds before a retry, doubled at each further retry."""
+    cache: str | None = None
+    """JSONL file of judgments kept across runs (default: ``<eval.output>-judge-cache.jsonl``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_path(cls, data: Any) -> Any:
+        return {"model": data} if isinstance(data, str) else data
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _key_needs_endpoint(self) -> JudgeSpec:
+        if self.api_key_env and not self.endpoint:
+            raise ValueError("api_key_env is for an endpoint judge; set endpoint too")
+        return self
+
+
 class EvalSpec(Strict):
     """The ``eval:`` section: every align run measured on held-out prompts."""
 
@@ -578,6 +652,18 @@ class EvalSpec(Strict):
         if len(set(names)) < len(names):
             raise ValueError("two fronts have the same name")
         return value
+    judge: JudgeSpec | None = None
+    """An LLM judge grading every run's answers on ``sets`` (default: the ``prompts``)."""
+    sets: dict[str, str | QuestionSet] = {}
+    """Question sets the judge grades, ``{name: source}``: MT-Bench or Arena-Hard questions (files or
+    datasets), or any prompt file or dataset ``prompts`` takes; ``{name: {source, split, field}}`` to
+    choose a dataset's split."""
+
+    @model_validator(mode="after")
+    def _sets_need_judge(self) -> EvalSpec:
+        if self.sets and self.judge is None:
+            raise ValueError("sets are graded by a judge; add eval.judge (or remove sets)")
+        return self
 
 
 class Recipe(Strict):

@@ -119,9 +119,11 @@ def ablations(summary: dict[str, Any], primary: str) -> dict[str, Any]:
 
 def evaluate(runs: Sequence[RunResult], prompts: Sequence[str], out_dir: Path, *, reward: str,
              gold: str | None, references: dict[str, str], baseline: str, n_boot: int = 2000,
-             path: dict[str, Any] | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Measure, summarise and write ``results.json``, ``report.md`` and plots into ``out_dir``."""
-    from soupkit.evaluation import plots, writing
+             path: dict[str, Any] | None = None, progress: Progress | None = None,
+             judge: Any = None) -> dict[str, Any]:
+    """Measure, summarise and write ``results.json``, ``report.md`` and plots into ``out_dir``;
+    with a ``judging.JudgeJob``, the judged results too (``results["judge"]``)."""
+    from soupkit.evaluation import judge_report, judging, plots, writing
 
     measured = measure_runs(runs, prompts, reward, gold, references, progress)
     primary = "gold" if gold else "reward"
@@ -132,8 +134,10 @@ def evaluate(runs: Sequence[RunResult], prompts: Sequence[str], out_dir: Path, *
                "ablation": ablations(summary, primary),
                "per_run": [{k: v for k, v in m.items() if k != "rows"} |
                            {"means": {k: float(np.mean(v)) for k, v in m["rows"].items() if k != "examples"}}
-                           for m in measured]}
+                           for m in measured],
+               "judge": judging.run_judge(judge, runs, baseline, n_boot) if judge else None}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     figures = plots.write_eval_plots(results, out_dir)
+    judge_report.judge_plots(results["judge"], out_dir)  # shown in report.md's judged section
     (out_dir / "report.md").write_text(writing.report_markdown(results, figures))
     return results

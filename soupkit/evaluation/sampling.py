@@ -82,7 +82,7 @@ def sample(policy: Any, tok: Any, texts: Sequence[str], how: Sampling, stops: li
     parts = []
     for i in range(0, len(texts), BATCH):
         enc = encode_prompts(tok, list(texts[i:i + BATCH]), how.max_prompt_tokens)
-        query, qmask = enc["input_ids"], enc["attention_mask"].bool()
+        query, qmask = enc["input_ids"].to(policy.device), enc["attention_mask"].bool().to(policy.device)
         raw = generate(policy, query, qmask, max_new_tokens=how.max_new_tokens, temperature=how.temperature,
                        top_p=how.top_p, stop_ids=stops, pad_id=tok.pad_token_id)
         response, mask = truncate_at_stop(raw, stops, tok.pad_token_id)

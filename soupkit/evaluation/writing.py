@@ -141,6 +141,8 @@ def _path_lines(path: dict[str, Any] | None) -> list[str]:
 
 
 def report_markdown(results: dict[str, Any], figures: list[Path]) -> str:
+    from soupkit.evaluation.judge_report import judge_lines
+
     examples = []
     for name, m in results["methods"].items():
         ex = m["examples"][0]
@@ -149,7 +151,8 @@ def report_markdown(results: dict[str, Any], figures: list[Path]) -> str:
              f"{results['prompts']} held-out prompts, one sampled completion each per run. Intervals are 95% "
              "bootstrap intervals resampling seeds, then prompts. Win rates count ties as half.", "",
              "## Results", "", *_table(results), *_matched_table(results), *ablation_lines(results), "",
-             "## Reading", "", *reading(results), *_path_lines(results.get("path")), "",
+             "## Reading", "", *reading(results), *_path_lines(results.get("path")),
+             *judge_lines(results.get("judge")), "",
              "## Plots", "", *[f"![{f.stem}]({f.name})" for f in figures], "",
              "## Sample completions", "", *examples, ""]
     return "\n".join(lines)
