@@ -31,6 +31,9 @@ from soupkit.chat import check_setting
 from soupkit.errors import SoupkitError, did_you_mean
 
 NATIVE_METHODS = ("uniform", "weighted", "layerwise")
+"""Soups: weighted averages whose weights are normalised to sum to 1 (soupkit's own semantics)."""
+TASK_METHODS = ("task_arithmetic", "ties", "dare_ties", "slerp", "model_stock", "task_slerp")
+"""Task-vector methods soupkit runs natively with mergekit's semantics (``soupkit.merge.methods``)."""
 ChatTemplate = Annotated[str, AfterValidator(check_setting)]
 """auto | always | never | chatml | PATH.jinja (``soupkit.chat``)."""
 Dtype = Literal["float32", "float16", "bfloat16"]
@@ -94,7 +97,8 @@ class MergeSpec(Strict):
     """The ``merge:`` section of a recipe."""
 
     method: str = "uniform"
-    """uniform | weighted | layerwise | any mergekit method (ties, slerp, task_arithmetic, ...)."""
+    """uniform | weighted | layerwise | task_arithmetic | ties | dare_ties | slerp | model_stock | task_slerp
+    (native) | any other mergekit method (della, nuslerp, ...), run through mergekit."""
     models: list[Ingredient]
     """Ingredients: paths or Hub ids, or ``{model, weight, parameters}``."""
     base: str | None = None
@@ -105,6 +109,11 @@ class MergeSpec(Strict):
     """Output directory (``--out`` overrides it)."""
     parameters: dict[str, Any] = {}
     """Method-wide parameters for mergekit methods (``t`` for slerp, ``normalize``, ...)."""
+    backend: Literal["auto", "mergekit"] = "auto"
+    """``auto``: soupkit's engine for the methods it implements, mergekit for the rest; ``mergekit``: mergekit for
+    every method but the soups (uniform, weighted, layerwise), e.g. to compare the two."""
+    seed: int = 0
+    """Seed of dare_ties' random masks (mergekit's ``--random-seed`` when mergekit runs the merge)."""
     shard_size: str | int = "5GB"
     """Largest output shard, e.g. ``5GB`` or ``500MB``."""
     chat_template: ChatTemplate | None = None

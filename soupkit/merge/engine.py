@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from soupkit.merge.methods import METHODS, TensorJob, merge_job, mergekit_t, resolve
 from soupkit.merge.preflight import MergePlan
 from soupkit.modeldir import STORAGE, Checkpoint
 from soupkit.shards import PlannedTensor, ShardedWriter, parse_size
@@ -111,6 +112,8 @@ def averaged_chunks(arrays: list[np.ndarray], dtypes: list[str], weights: list[f
 
 def merge_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Buffers) -> None:
     """Average one tensor chunk by chunk; non-float tensors are copied from the first model."""
+    if plan.spec.method in METHODS:
+        return merge_task_tensor(plan, name, writer, buf)
     arrays = [m.array(name) for m in plan.models]
     if not plan.models[0].tensors[name].is_float:
         writer.write(name, arrays[0])
@@ -118,6 +121,36 @@ def merge_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Buffers
     dtypes = [m.tensors[name].dtype for m in plan.models]
     for chunk in averaged_chunks(arrays, dtypes, plan.weights[name], output_dtype(plan, name), buf):
         writer.write(name, chunk)
+
+
+def merge_task_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Buffers) -> None:
+    """A task-vector method on one whole tensor (float32), rounded once to the output dtype chunk by
+    chunk; non-float tensors are copied from the base."""
+    source = plan.source
+    if not source.tensors[name].is_float:
+        writer.write(name, source.array(name))
+        return
+    merged = merge_job(plan.spec.method, task_job(plan, name))
+    out_dtype = output_dtype(plan, name)
+    for start in range(0, max(merged.size, 1), CHUNK):
+        writer.write(name, narrow(merged[start:start + CHUNK], out_dtype, buf))
+
+
+def fp32(ckpt: Checkpoint, name: str) -> np.ndarray:
+    """A whole tensor widened to a fresh float32 array."""
+    info = ckpt.tensors[name]
+    return widen(ckpt.array(name), info.dtype, np.empty(info.numel, dtype=np.float32))
+
+
+def task_job(plan: MergePlan, name: str) -> TensorJob:
+    """One tensor's inputs and parameters (resolved with mergekit's depth and name rules)."""
+    spec, roles = plan.spec, plan.task_roles
+    t = mergekit_t(name, plan.num_layers)
+    per_model = [{key: resolve(value, name, t, f"merge.models[{i}].{key}") for key, value in settings.items()}
+                 for i, settings in zip(roles.indices, roles.per_model)]
+    shared = {key: resolve(value, name, t, f"merge.parameters.{key}") for key, value in roles.shared.items()}
+    return TensorJob(name, plan.source.tensors[name].shape, fp32(plan.base, name),
+                     [fp32(plan.models[i], name) for i in roles.indices], per_model, shared, spec.seed)
 
 
 def average_tensors(tensors: list[Any], weights: list[float], buf: Buffers | None = None) -> Any:

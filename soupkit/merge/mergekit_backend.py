@@ -18,7 +18,7 @@ from typing import Any
 from soupkit import adapters
 from soupkit.errors import SoupkitError, did_you_mean
 from soupkit.merge.preflight import MergePlan
-from soupkit.recipe import NATIVE_METHODS, MergeSpec
+from soupkit.recipe import NATIVE_METHODS, TASK_METHODS, MergeSpec
 
 
 def _registry() -> dict[str, Any]:
@@ -28,8 +28,8 @@ def _registry() -> dict[str, Any]:
 
 
 def method_names() -> list[str]:
-    """Every method soupkit accepts: its own three, then mergekit's registry."""
-    return list(NATIVE_METHODS) + sorted(_registry())
+    """Every method soupkit accepts: its soups, its native task-vector methods, then the rest of mergekit's registry."""
+    return list(NATIVE_METHODS) + list(TASK_METHODS) + sorted(set(_registry()) - set(TASK_METHODS))
 
 
 def validate(spec: MergeSpec) -> None:
@@ -150,6 +150,7 @@ def run(plan: MergePlan, out_dir: Path, out_dtype: str) -> None:
     config = MergeConfiguration.model_validate(mergekit_config(plan, out_dtype))
     with adapters.mergekit_lora_cache(plan, out_dir) as cache:  # adapters: mergekit merges them there first
         options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=True,
-                               out_shard_size=parse_size(plan.spec.shard_size), lora_merge_cache=cache)
+                               out_shard_size=parse_size(plan.spec.shard_size), lora_merge_cache=cache,
+                               random_seed=plan.spec.seed)
         logging.getLogger("mergekit").setLevel(logging.WARNING)
         mergekit_run_merge(config, str(out_dir), options=options)

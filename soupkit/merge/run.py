@@ -10,8 +10,8 @@ from typing import Any
 from soupkit import adapters
 from soupkit.errors import SoupkitError
 from soupkit.locking import check_not_being_written, writing
-from soupkit.merge import engine, mergekit_backend
-from soupkit.merge.preflight import MergePlan, preflight
+from soupkit.merge import engine, mergekit_backend, methods
+from soupkit.merge.preflight import MergePlan, is_native_task, preflight
 from soupkit.modeldir import CONFIG_DTYPE, DTYPE_NAMES
 from soupkit.provenance import write_provenance
 from soupkit.recipe import NATIVE_METHODS, MergeSpec, Recipe, load_recipe, to_plain, validate
@@ -59,7 +59,9 @@ def run_merge(
     if not str(output) or output == Path():
         raise SoupkitError("merge.output: no output directory; set merge.output or pass --out")
     with writing([output]):  # before preflight's look at the output, until the rename (issue #16)
-        if spec.method not in NATIVE_METHODS:
+        if is_native_task(spec):
+            methods.roles(spec)  # the parameters, before any file is opened
+        elif spec.method not in NATIVE_METHODS:
             mergekit_backend.validate(spec)
         check_not_being_written(_ingredients(spec), "merge: ingredient")
         check_writable(output)
@@ -156,7 +158,7 @@ def model_card(plan: MergePlan, dtype: str | None) -> str:
 
 def _weight_text(plan: MergePlan, i: int) -> str:
     weight = plan.spec.models[i].weight
-    if plan.native and not isinstance(weight, (list, dict)):
+    if plan.spec.method in NATIVE_METHODS and not isinstance(weight, (list, dict)):
         first = plan.weights[plan.names[0]][i] if plan.names else 0.0
         return f"{first:.6g} (normalised)"
     return f"`{weight}`" if weight is not None else "-"
