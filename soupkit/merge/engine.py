@@ -137,9 +137,12 @@ def merge_task_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Bu
 
 
 def fp32(ckpt: Checkpoint, name: str) -> np.ndarray:
-    """A whole tensor widened to a fresh float32 array."""
+    """A whole tensor widened to a fresh float32 array (an adapter's tensor is materialised)."""
     info = ckpt.tensors[name]
-    return widen(ckpt.array(name), info.dtype, np.empty(info.numel, dtype=np.float32))
+    array = ckpt.array(name)
+    if not isinstance(array, np.ndarray):
+        array = array[0:info.numel]
+    return widen(array, info.dtype, np.empty(info.numel, dtype=np.float32))
 
 
 def task_job(plan: MergePlan, name: str) -> TensorJob:

@@ -111,8 +111,8 @@ def _check_count(method: str, what: str, count: int, low: int, high: int | None)
         raise SoupkitError(f"merge.models: method {method} needs {want} {what}; got {count}")
 
 
-def _mergekit_weight(weight: Any) -> Any:
-    """soupkit weight -> mergekit parameter: a mapping becomes a conditional (filter) list."""
+def _mergekit_setting(weight: Any) -> Any:
+    """soupkit setting -> mergekit parameter: a mapping becomes a conditional (filter) list."""
     if not isinstance(weight, dict):
         return weight
     rows: list[dict[str, Any]] = [{"filter": k, "value": v} for k, v in weight.items() if k != "default"]
@@ -126,16 +126,16 @@ def mergekit_config(plan: MergePlan, out_dtype: str) -> dict[str, Any]:
     spec = plan.spec
     models = []
     for ing, ckpt in zip(spec.models, plan.models):
-        params = dict(ing.parameters)
+        params = {k: _mergekit_setting(v) for k, v in ing.parameters.items()}
         if ing.weight is not None:
-            params["weight"] = _mergekit_weight(ing.weight)
+            params["weight"] = _mergekit_setting(ing.weight)
         models.append({"model": adapters.mergekit_name(ckpt), **({"parameters": params} if params else {})})
     config: dict[str, Any] = {"merge_method": spec.method, "models": models, "dtype": "float32",
                               "out_dtype": out_dtype}
     if plan.base is not None:
         config["base_model"] = adapters.mergekit_name(plan.base)
     if spec.parameters:
-        config["parameters"] = dict(spec.parameters)
+        config["parameters"] = {k: _mergekit_setting(v) for k, v in spec.parameters.items()}
     return config
 
 

@@ -60,8 +60,8 @@ METHODS: dict[str, Method] = {
                               {"weight": None, "density": 1.0}),
     "ties": Method({**GTA_SHARED, "normalize": True, "rescale": False}, {"weight": None, "density": 1.0}),
     "dare_ties": Method({**GTA_SHARED, "normalize": False, "rescale": True}, {"weight": None, "density": 1.0}),
-    "slerp": Method({"t": None}, min_models=1, max_models=1),
-    "model_stock": Method({"filter_wise": False}, min_models=2),
+    "slerp": Method({"t": None}, min_models=1, max_models=1, base_in_models=True),
+    "model_stock": Method({"filter_wise": False}, min_models=2, base_in_models=True),
     "task_slerp": Method({"t": 0.5}, min_models=2),
 }
 """The task-vector methods soupkit runs natively (``merge.backend: mergekit`` runs them through mergekit)."""
@@ -322,8 +322,10 @@ def roles(spec: Any) -> TaskRoles:
 def _check_count(name: str, method: Method, count: int) -> None:
     low, high = method.min_models, method.max_models
     if count < low or (high is not None and count > high):
-        want = f"exactly {low}" if low == high else f"at least {low}"
-        raise SoupkitError(f"merge.models: method {name} needs {want} model(s) besides the base; got {count}")
+        extra = int(method.base_in_models)  # slerp's 2 and model_stock's 3 inputs count the base, as mergekit says
+        want = f"exactly {low + extra}" if low == high else f"at least {low + extra}"
+        what = "models (counting the base)" if extra else "models besides the base"
+        raise SoupkitError(f"merge.models: method {name} needs {want} {what}; got {count + extra}")
 
 
 def _check_keys(spec: Any, method: Method) -> None:

@@ -14,8 +14,8 @@ from soupkit import adapters
 from soupkit.errors import SoupkitError
 from soupkit.loading import tokenizer_vocab, vocab_difference, vocab_size
 from soupkit.merge import weights as W
-from soupkit.modeldir import Checkpoint, TensorInfo, open_checkpoint
 from soupkit.merge.methods import TaskRoles
+from soupkit.modeldir import Checkpoint, TensorInfo, open_checkpoint
 from soupkit.recipe import NATIVE_METHODS, TASK_METHODS, MergeSpec
 from soupkit.storage import check_output_free
 
