@@ -112,6 +112,11 @@ class MergeSpec(Strict):
     backend: Literal["auto", "mergekit"] = "auto"
     """``auto``: soupkit's engine for the methods it implements, mergekit for the rest; ``mergekit``: mergekit for
     every method but the soups (uniform, weighted, layerwise), e.g. to compare the two."""
+    tokenizer_source: str | None = None
+    """The ingredient whose tokenizer files the output gets (default: the base, else the first model)."""
+    mergekit_config: dict[str, Any] | None = None
+    """The mergekit YAML this section was read from (``soupkit merge mk.yaml``): mergekit runs it as
+    written when soupkit's engine does not (``soupkit.merge.mergekit_yaml``)."""
     seed: int = 0
     """Seed of dare_ties' random masks (mergekit's ``--random-seed`` when mergekit runs the merge)."""
     shard_size: str | int = "5GB"
@@ -142,6 +147,8 @@ class MergeSpec(Strict):
     def _method_rules(self) -> MergeSpec:
         if not self.models:
             raise ValueError("models: at least one model is needed")
+        if self.tokenizer_source is not None and self.tokenizer_source not in [m.model for m in self.models]:
+            raise ValueError(f"tokenizer_source: {self.tokenizer_source!r} is not one of the models")
         if self.method in NATIVE_METHODS:
             _check_native(self)
         elif self.output_format == "adapter":
@@ -562,6 +569,10 @@ def load_recipe(source: str | Path | Mapping[str, Any], overrides: Iterable[str]
     """Load and validate a recipe from a YAML path or a dict; ``overrides`` are ``key=value``."""
     label = str(source) if isinstance(source, (str, Path)) else "recipe"
     data = read_yaml(Path(source)) if isinstance(source, (str, Path)) else copy.deepcopy(dict(source))
+    from soupkit.merge import mergekit_yaml
+
+    if mergekit_yaml.is_mergekit_config(data):  # a mergekit YAML, read as is
+        data = mergekit_yaml.to_recipe(data, label)
     for item in overrides:
         apply_override(data, item)
     return resolve_names(validate(Recipe, data, label), label)

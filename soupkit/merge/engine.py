@@ -153,7 +153,14 @@ def task_job(plan: MergePlan, name: str) -> TensorJob:
                  for i, settings in zip(roles.indices, roles.per_model)]
     shared = {key: resolve(value, name, t, f"merge.parameters.{key}") for key, value in roles.shared.items()}
     return TensorJob(name, plan.source.tensors[name].shape, fp32(plan.base, name),
-                     [fp32(plan.models[i], name) for i in roles.indices], per_model, shared, spec.seed)
+                     [fp32(plan.models[i], name) for i in roles.indices], per_model, shared, spec.seed,
+                     working_dtype(spec))
+
+
+def working_dtype(spec: Any) -> str | None:
+    """A mergekit YAML's ``dtype`` as a safetensors code when it is narrower than float32, else None."""
+    name = (spec.mergekit_config or {}).get("dtype")
+    return {"float16": "F16", "fp16": "F16", "half": "F16", "bfloat16": "BF16", "bf16": "BF16"}.get(str(name))
 
 
 def average_tensors(tensors: list[Any], weights: list[float], buf: Buffers | None = None) -> Any:

@@ -43,7 +43,8 @@ def validate(spec: MergeSpec) -> None:
     method = registry[spec.method]
     _check_shared(spec, method)
     _check_per_model(spec, method)
-    _check_inputs(spec, method)
+    if not (spec.mergekit_config or {}).get("slices") and not (spec.mergekit_config or {}).get("modules"):
+        _check_inputs(spec, method)  # slices and modules: mergekit checks each slice's inputs itself
 
 
 def _param_names(method: Any, scopes: set[str]) -> list[str]:
@@ -139,6 +140,12 @@ def mergekit_config(plan: MergePlan, out_dtype: str) -> dict[str, Any]:
     return config
 
 
+def owns_tokenizer(spec: MergeSpec) -> bool:
+    """mergekit builds the tokenizer itself: a mergekit YAML's ``tokenizer:`` or ``tokenizer_source: union``."""
+    config = spec.mergekit_config or {}
+    return spec.backend == "mergekit" and bool(config.get("tokenizer") or config.get("tokenizer_source") == "union")
+
+
 def run(plan: MergePlan, out_dir: Path, out_dtype: str) -> None:
     """Run mergekit into ``out_dir`` (which the caller renames into place on success)."""
     from mergekit.config import MergeConfiguration
@@ -147,9 +154,9 @@ def run(plan: MergePlan, out_dir: Path, out_dtype: str) -> None:
 
     from soupkit.shards import parse_size
 
-    config = MergeConfiguration.model_validate(mergekit_config(plan, out_dtype))
+    config = MergeConfiguration.model_validate(plan.spec.mergekit_config or mergekit_config(plan, out_dtype))
     with adapters.mergekit_lora_cache(plan, out_dir) as cache:  # adapters: mergekit merges them there first
-        options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=True,
+        options = MergeOptions(copy_tokenizer=owns_tokenizer(plan.spec), write_model_card=False, quiet=True, lazy_unpickle=True,
                                out_shard_size=parse_size(plan.spec.shard_size), lora_merge_cache=cache,
                                random_seed=plan.spec.seed)
         logging.getLogger("mergekit").setLevel(logging.WARNING)

@@ -110,29 +110,50 @@ def apply_mask(delta: np.ndarray, mask: np.ndarray | None, rescale: bool) -> np.
 
 
 def generalized_task_arithmetic(base: np.ndarray, deltas: list[np.ndarray], weights: Sequence[float], *,
-                                consensus: bool, normalize: bool, lam: float) -> np.ndarray:
+                                consensus: bool, normalize: bool, lam: float, work: str | None = None) -> np.ndarray:
     """base + lambda * (sum of weighted, optionally sign-agreeing deltas) [/ their weight sum].
 
-    ``deltas`` are already sparsified; they are scaled in place."""
-    w = [np.float32(x) for x in weights]
+    ``deltas`` are already sparsified; they are scaled in place. ``work`` (F16 or BF16): round every
+    step to that dtype as mergekit's arithmetic in a configuration's ``dtype`` does (sums accumulate
+    in float32 and round once, as torch's do)."""
+    r = rounder(work)
+    w = [r(np.float32(x)) for x in weights]
     for d, wi in zip(deltas, w):
         np.multiply(d, wi, out=d)
+        d[:] = r(d)
     if consensus:
-        total = _sum(deltas)
+        total = r(_sum(deltas))
         majority = np.where(total >= 0, np.float32(1), np.float32(-1))
         masks = [np.sign(d) == majority for d in deltas]
-        mixed = _sum([d * m for d, m in zip(deltas, masks)])
-        divisor = _sum([wi * m.astype(np.float32) for wi, m in zip(w, masks)])
+        mixed = r(_sum([d * m for d, m in zip(deltas, masks)]))
+        divisor = r(_sum([wi * m.astype(np.float32) for wi, m in zip(w, masks)]))
         divisor[divisor == 0] = 1
     else:
-        mixed = _sum(deltas)
-        divisor = _sum(w)
+        mixed = r(_sum(deltas))
+        divisor = r(_sum(w))
         divisor = np.float32(1) if abs(divisor) < 1e-8 else divisor
     if normalize:
-        mixed = np.divide(mixed, divisor, dtype=np.float32)
+        mixed = r(np.divide(mixed, divisor, dtype=np.float32))
     if lam != 1:
-        mixed *= np.float32(lam)
-    return base + mixed
+        mixed = r(mixed * np.float32(lam))
+    return r(base + mixed)
+
+
+def rounder(work: str | None) -> Any:
+    """float32 -> float32 rounding through the working dtype (identity for float32)."""
+    if work == "F16":
+        return lambda a: np.asarray(a, dtype=np.float32).astype(np.float16).astype(np.float32)
+    if work == "BF16":
+        return _round_bf16
+    return lambda a: a
+
+
+def _round_bf16(a: Any) -> Any:
+    """Round float32 to the nearest bfloat16 (ties to even), kept as float32; NaN stays NaN."""
+    a = np.asarray(a, dtype=np.float32)
+    bits = a.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+    return np.where(np.isnan(a), a, rounded).astype(np.float32)
 
 
 def _sum(items: Sequence[Any]) -> Any:
@@ -209,6 +230,8 @@ class TensorJob:
     per_model: list[dict[str, Any]]
     shared: dict[str, Any]
     seed: int
+    work: str | None = None
+    """A mergekit YAML's ``dtype`` (F16, BF16): the task-arithmetic family computes in it, as mergekit does."""
 
 
 def merge_job(method: str, job: TensorJob) -> np.ndarray:
@@ -226,9 +249,11 @@ def merge_job(method: str, job: TensorJob) -> np.ndarray:
 
 def _gta(method: str, job: TensorJob) -> np.ndarray:
     rescale = bool(job.shared["rescale"])
+    r = rounder(job.work)
+    base = r(job.base)
     deltas = []
     for i, (x, params) in enumerate(zip(job.models, job.per_model)):
-        delta = x - job.base
+        delta = r(r(x) - base)
         density = float(params["density"])
         if method == "ties":
             mask = top_magnitude_mask(delta, density)
@@ -236,10 +261,10 @@ def _gta(method: str, job: TensorJob) -> np.ndarray:
             mask = random_mask(delta.size, density, dare_rng(job.seed, job.name, i))
         else:
             mask = None
-        deltas.append(apply_mask(delta, mask, rescale))
-    return generalized_task_arithmetic(job.base, deltas, [p["weight"] for p in job.per_model],
-                                       consensus=method != "task_arithmetic",
-                                       normalize=bool(job.shared["normalize"]), lam=float(job.shared["lambda"]))
+        deltas.append(r(apply_mask(delta, mask, rescale)))
+    return generalized_task_arithmetic(base, deltas, [p["weight"] for p in job.per_model],
+                                       consensus=method != "task_arithmetic", normalize=bool(job.shared["normalize"]),
+                                       lam=float(job.shared["lambda"]), work=job.work)
 
 
 def dare_rng(seed: int, name: str, index: int) -> np.random.Generator:

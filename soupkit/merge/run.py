@@ -97,10 +97,17 @@ def _merge_into(plan: MergePlan, tmp: Path, progress: Progress | None) -> None:
         write_config(tmp, plan.source.config, dtype)
     else:
         mergekit_backend.run(plan, tmp, CONFIG_DTYPE.get(dtype or "F32", "float32"))
-    copy_support_files(plan.source.path, tmp)
+    if not mergekit_backend.owns_tokenizer(plan.spec):
+        copy_support_files(_tokenizer_source(plan).path, tmp)
     if plan.chat_template is not None:
         write_template(tmp, plan.chat_template)
     write_provenance(tmp, {"merge": resolved_spec(plan, dtype)}, model_card(plan, dtype))
+
+
+def _tokenizer_source(plan: MergePlan) -> Any:
+    """The checkpoint the tokenizer comes from: ``merge.tokenizer_source``, else the config's source."""
+    refs = [ing.model for ing in plan.spec.models]
+    return plan.models[refs.index(plan.spec.tokenizer_source)] if plan.spec.tokenizer_source else plan.source
 
 
 def write_template(out: Path, template: str) -> None:
