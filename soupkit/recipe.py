@@ -30,8 +30,9 @@ from pydantic import (
 from soupkit.chat import check_setting
 from soupkit.errors import SoupkitError, did_you_mean
 
-NATIVE_METHODS = ("uniform", "weighted", "layerwise")
-"""Soups: weighted averages whose weights are normalised to sum to 1 (soupkit's own semantics)."""
+NATIVE_METHODS = ("uniform", "weighted", "layerwise", "greedy")
+"""Soups: weighted averages whose weights are normalised to sum to 1 (soupkit's own semantics); greedy is
+the uniform soup of the ingredients a held-out score keeps (``soupkit.merge.greedy``)."""
 TASK_METHODS = ("task_arithmetic", "ties", "dare_ties", "slerp", "model_stock", "task_slerp")
 """Task-vector methods soupkit runs natively with mergekit's semantics (``soupkit.merge.methods``)."""
 ChatTemplate = Annotated[str, AfterValidator(check_setting)]
@@ -165,7 +166,7 @@ def _check_native(spec: MergeSpec) -> None:
                 f"models[{i}].parameters: method {spec.method!r} takes no per-model parameters"
             )
         _check_native_weight(spec.method, i, ing.weight)
-    if spec.parameters:
+    if spec.parameters and spec.method != "greedy":
         raise ValueError(f"parameters: method {spec.method!r} takes no parameters")
     scalars = [ing.weight for ing in spec.models]
     if spec.method == "weighted" and all(isinstance(w, float) for w in scalars):
@@ -175,9 +176,9 @@ def _check_native(spec: MergeSpec) -> None:
 
 def _check_native_weight(method: str, i: int, weight: Any) -> None:
     where = f"models[{i}].weight"
-    if method == "uniform" and weight is not None:
-        raise ValueError(f"{where}: method 'uniform' takes no weights; use method: weighted")
-    if method != "uniform" and weight is None:
+    if method in ("uniform", "greedy") and weight is not None:
+        raise ValueError(f"{where}: method {method!r} takes no weights (it makes uniform soups); use method: weighted")
+    if method not in ("uniform", "greedy") and weight is None:
         raise ValueError(f"{where}: method {method!r} needs a weight for every model")
     if method == "weighted" and _has_list(weight):
         raise ValueError(f"{where}: a list weight varies over depth; use method: layerwise")

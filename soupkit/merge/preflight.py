@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from soupkit import adapters
 from soupkit.errors import SoupkitError
@@ -38,6 +39,8 @@ class MergePlan:
     """The soup's chat template: ``merge.chat_template``, else the one its ingredients share."""
     task_roles: TaskRoles | None = None
     """For a native task-vector method: the ingredients merged onto the base, and their settings."""
+    greedy: Any = None
+    """For ``method: greedy``: the search's ``GreedyResult`` once it has run."""
 
     @property
     def source(self) -> Checkpoint:
