@@ -293,3 +293,15 @@ def test_bad_settings_fail_before_reading(tmp_path, method, models, extra, messa
 def test_base_is_required(tmp_path):
     with pytest.raises(SoupkitError, match="merge.base: method ties needs a base model"):
         run_merge({"merge": {"method": "ties", "models": [{"model": "A", "weight": 1}], "output": str(tmp_path / "o")}})
+
+
+def test_shipped_task_recipes_pass_native_checks():
+    from soupkit.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    specs = [load_recipe(p).merge for p in sorted(root.glob("*.yaml"))]
+    native = [s for s in specs if s is not None and not isinstance(s, list) and s.method in TASK_METHODS
+              and s.backend == "auto"]
+    assert {s.method for s in native} >= {"ties", "task_slerp"}
+    for spec in native:
+        methods.roles(spec)
