@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from soupkit.merge.methods import METHODS, TensorJob, merge_job, mergekit_t, resolve
+from soupkit.merge.methods import METHODS, TensorJob, merge_stream, mergekit_t, resolve
 from soupkit.merge.preflight import MergePlan
 from soupkit.modeldir import STORAGE, Checkpoint
 from soupkit.shards import PlannedTensor, ShardedWriter, parse_size
@@ -36,6 +36,13 @@ class Buffers:
         self.tmp = np.empty(size, dtype=np.float32)
         self.bits = np.empty(size, dtype=np.uint32)
         self.half = np.empty(size, dtype=np.uint16)
+        self.inputs: list[np.ndarray] = []
+
+    def input(self, j: int) -> np.ndarray:
+        """float32 scratch space for input ``j`` of a task-vector merge (one chunk)."""
+        while len(self.inputs) <= j:
+            self.inputs.append(np.empty(self.acc.size, dtype=np.float32))
+        return self.inputs[j]
 
 
 def widen(src: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
@@ -124,37 +131,39 @@ def merge_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Buffers
 
 
 def merge_task_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Buffers) -> None:
-    """A task-vector method on one whole tensor (float32), rounded once to the output dtype chunk by
-    chunk; non-float tensors are copied from the base."""
+    """A task-vector method on one tensor (``soupkit.merge.methods``: a statistics pass if the method
+    needs one, then float32 chunks), each chunk rounded once to the output dtype; non-float tensors are
+    copied from the base."""
     source = plan.source
     if not source.tensors[name].is_float:
         writer.write(name, source.array(name))
         return
-    merged = merge_job(plan.spec.method, task_job(plan, name))
     out_dtype = output_dtype(plan, name)
-    for start in range(0, max(merged.size, 1), CHUNK):
-        writer.write(name, narrow(merged[start:start + CHUNK], out_dtype, buf))
+    for merged in merge_stream(plan.spec.method, task_job(plan, name, buf)):
+        for start in range(0, merged.size, CHUNK):
+            writer.write(name, narrow(merged[start:start + CHUNK], out_dtype, buf))
 
 
-def fp32(ckpt: Checkpoint, name: str) -> np.ndarray:
-    """A whole tensor widened to a fresh float32 array (an adapter's tensor is materialised)."""
-    info = ckpt.tensors[name]
-    array = ckpt.array(name)
-    if not isinstance(array, np.ndarray):
-        array = array[0:info.numel]
-    return widen(array, info.dtype, np.empty(info.numel, dtype=np.float32))
-
-
-def task_job(plan: MergePlan, name: str) -> TensorJob:
-    """One tensor's inputs and parameters (resolved with mergekit's depth and name rules)."""
+def task_job(plan: MergePlan, name: str, buf: Buffers) -> TensorJob:
+    """One tensor's inputs (read chunk by chunk into ``buf``) and parameters (resolved with mergekit's
+    depth and name rules)."""
     spec, roles = plan.spec, plan.task_roles
+    ckpts = [plan.base] + [plan.models[i] for i in roles.indices]
+    arrays = [c.array(name) for c in ckpts]
+    dtypes = [c.tensors[name].dtype for c in ckpts]
+
+    def read(j: int, start: int, stop: int) -> np.ndarray:
+        src = arrays[j][start:stop]
+        if isinstance(src, np.ndarray) and src.dtype == np.float32:
+            return src  # read-only mmap view: no copy
+        return widen(src, dtypes[j], buf.input(j)[: stop - start])
+
     t = mergekit_t(name, plan.num_layers)
     per_model = [{key: resolve(value, name, t, f"merge.models[{i}].{key}") for key, value in settings.items()}
                  for i, settings in zip(roles.indices, roles.per_model)]
     shared = {key: resolve(value, name, t, f"merge.parameters.{key}") for key, value in roles.shared.items()}
-    return TensorJob(name, plan.source.tensors[name].shape, fp32(plan.base, name),
-                     [fp32(plan.models[i], name) for i in roles.indices], per_model, shared, spec.seed,
-                     working_dtype(spec))
+    return TensorJob(name, plan.source.tensors[name].shape, read, len(roles.indices), per_model, shared,
+                     spec.seed, working_dtype(spec))
 
 
 def working_dtype(spec: Any) -> str | None:

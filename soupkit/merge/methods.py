@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,78 +68,66 @@ METHODS: dict[str, Method] = {
 
 
 # ---------------------------------------------------------------------------------------------
-# kernels: flat float32 arrays in, a float32 array out
+# streaming: a statistics pass where a method needs one (a top-k cut, norms, dot products), then the
+# output chunk by chunk; every step after the statistics is elementwise, so chunking changes no bit
+
+CHUNK = 1 << 20
+Read = Callable[[int, int, int], np.ndarray]
+"""``read(j, start, stop)``: float32 elements [start, stop) of input j (0 = the base, then the models);
+the array may be scratch space reused by the next read of the same input."""
 
 
-def top_magnitude_mask(delta: np.ndarray, density: float) -> np.ndarray | None:
-    """Boolean mask of the ``max(1, int(density * n))`` largest |delta| (None: keep all). Among equal
-    magnitudes at the cut the earliest elements are kept (mergekit's order there is unspecified)."""
-    n = delta.size
-    if density >= 1:
-        return None
-    if density <= 0 or n == 0:
-        return np.zeros(n, dtype=bool)
-    k = max(1, int(density * n))
-    mag = np.abs(delta)
-    cut = np.partition(mag, n - k)[n - k]
-    keep = mag > cut
-    missing = k - int(np.count_nonzero(keep))
-    if missing > 0:
-        keep[np.flatnonzero(mag == cut)[:missing]] = True
-    return keep
+@dataclass
+class TensorJob:
+    """One tensor's inputs and its parameters, resolved for this tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    read: Read
+    count: int
+    """Models besides the base."""
+    per_model: list[dict[str, Any]]
+    shared: dict[str, Any]
+    seed: int
+    work: str | None = None
+    """A mergekit YAML's ``dtype`` (F16, BF16): the task-arithmetic family computes in it, as mergekit does."""
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def spans(self, step: int = CHUNK) -> Iterator[tuple[int, int]]:
+        for start in range(0, self.size, step):
+            yield start, min(start + step, self.size)
 
 
-def random_mask(n: int, density: float, rng: np.random.Generator) -> np.ndarray | None:
-    """Bernoulli(density) keep-mask (None: keep all)."""
-    if density >= 1:
-        return None
-    return rng.random(n) < density
+def arrays_job(base: np.ndarray, models: list[np.ndarray], shape: tuple[int, ...] | None = None,
+               per_model: list[dict[str, Any]] | None = None, shared: dict[str, Any] | None = None,
+               name: str = "w", seed: int = 0, work: str | None = None) -> TensorJob:
+    """A job over in-memory float32 arrays (for the library's callers and tests)."""
+    inputs = [np.asarray(base, np.float32).reshape(-1)] + [np.asarray(m, np.float32).reshape(-1) for m in models]
+    return TensorJob(name, shape or (inputs[0].size,), lambda j, s, e: inputs[j][s:e], len(models),
+                     per_model or [{}] * len(models), shared or {}, seed, work)
 
 
-def apply_mask(delta: np.ndarray, mask: np.ndarray | None, rescale: bool) -> np.ndarray:
-    """``delta * mask``, rescaled to the L1 norm of ``delta`` when asked (unless either norm is ~0)."""
-    if mask is None:
-        return delta
-    masked = delta * mask
-    if rescale:
-        before = float(np.abs(delta, dtype=np.float64).sum())
-        after = float(np.abs(masked, dtype=np.float64).sum())
-        if before >= 1e-7 and after >= 1e-7:
-            masked *= np.float32(before / after)
-    return masked
+def merge_stream(method: str, job: TensorJob) -> Iterator[np.ndarray]:
+    """The merged tensor, float32, chunk after chunk."""
+    if method in ("task_arithmetic", "ties", "dare_ties"):
+        return _gta(method, job)
+    if method == "model_stock":
+        return _model_stock(job)
+    return _slerp_family(method, job)
 
 
-def generalized_task_arithmetic(base: np.ndarray, deltas: list[np.ndarray], weights: Sequence[float], *,
-                                consensus: bool, normalize: bool, lam: float, work: str | None = None) -> np.ndarray:
-    """base + lambda * (sum of weighted, optionally sign-agreeing deltas) [/ their weight sum].
-
-    ``deltas`` are already sparsified; they are scaled in place. ``work`` (F16 or BF16): round every
-    step to that dtype as mergekit's arithmetic in a configuration's ``dtype`` does (sums accumulate
-    in float32 and round once, as torch's do)."""
-    r = rounder(work)
-    w = [r(np.float32(x)) for x in weights]
-    for d, wi in zip(deltas, w):
-        np.multiply(d, wi, out=d)
-        d[:] = r(d)
-    if consensus:
-        total = r(_sum(deltas))
-        majority = np.where(total >= 0, np.float32(1), np.float32(-1))
-        masks = [np.sign(d) == majority for d in deltas]
-        mixed = r(_sum([d * m for d, m in zip(deltas, masks)]))
-        divisor = r(_sum([wi * m.astype(np.float32) for wi, m in zip(w, masks)]))
-        divisor[divisor == 0] = 1
-    else:
-        mixed = r(_sum(deltas))
-        divisor = r(_sum(w))
-        divisor = np.float32(1) if abs(divisor) < 1e-8 else divisor
-    if normalize:
-        mixed = r(np.divide(mixed, divisor, dtype=np.float32))
-    if lam != 1:
-        mixed = r(mixed * np.float32(lam))
-    return r(base + mixed)
+def merge_array(method: str, job: TensorJob) -> np.ndarray:
+    """The whole merged tensor as one float32 array."""
+    return np.concatenate([chunk.copy() for chunk in merge_stream(method, job)] or [np.zeros(0, np.float32)])
 
 
-def rounder(work: str | None) -> Any:
+# --- rounding to a working dtype ------------------------------------------------------------------
+
+
+def rounder(work: str | None) -> Callable[[Any], Any]:
     """float32 -> float32 rounding through the working dtype (identity for float32)."""
     if work == "F16":
         return lambda a: np.asarray(a, dtype=np.float32).astype(np.float16).astype(np.float32)
@@ -164,113 +152,221 @@ def _sum(items: Sequence[Any]) -> Any:
     return acc
 
 
-def slerp(t: float, a: np.ndarray, b: np.ndarray, eps: float = 1e-8) -> np.ndarray:
-    """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1) of two flat float32 arrays: the
-    coefficients come from the angle between them (float64), and multiply the raw arrays."""
-    ca, cb = slerp_coefficients(t, a, b, eps)
-    return np.float32(ca) * a + np.float32(cb) * b
+# --- task_arithmetic, ties, dare_ties -------------------------------------------------------------
 
 
-def slerp_coefficients(t: float, a: np.ndarray, b: np.ndarray, eps: float = 1e-8) -> tuple[float, float]:
-    """(sin((1-t)O)/sin O, sin(tO)/sin O), or the linear (1-t, t) when |cos O| > 0.9995."""
-    na = float(np.linalg.norm(a.astype(np.float64)))
-    nb = float(np.linalg.norm(b.astype(np.float64)))
+@dataclass
+class Cut:
+    """Where TIES trims one task vector: keep |d| > value, and the first ``ties`` elements equal to it
+    (mergekit's pick among equal magnitudes is argsort's, unspecified; soupkit keeps the earliest)."""
+
+    value: float
+    ties: int
+
+
+def magnitude_cut(job: TensorJob, i: int, density: float, scratch: np.ndarray) -> Cut | None:
+    """The cut keeping the ``max(1, int(density * n))`` largest |d_i| (None: keep all)."""
+    n = job.size
+    if density >= 1:
+        return None
+    if density <= 0 or n == 0:
+        return Cut(math.inf, 0)
+    r = rounder(job.work)
+    mags = scratch[:n]
+    for s, e in job.spans():
+        base = r(job.read(0, s, e))
+        np.abs(r(r(job.read(i + 1, s, e)) - base), out=mags[s:e])
+    k = max(1, int(density * n))
+    mags.partition(n - k)  # in place: mags[n - k] is the k-th largest, everything after it is >= it
+    value = float(mags[n - k])
+    return Cut(value, k - int(np.count_nonzero(mags[n - k + 1:] > value)))
+
+
+def dare_mask(seed: int, name: str, index: int, start: int, stop: int, density: float) -> np.ndarray:
+    """DARE's Bernoulli(density) keep-mask of elements [start, stop) of model ``index``'s task vector,
+    drawn per chunk from a generator keyed by (seed, tensor name, model, chunk): the same whatever the
+    order in which tensors are merged."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), index, start // CHUNK])
+    return rng.random(stop - start) < density
+
+
+def _gta(method: str, job: TensorJob) -> Iterator[np.ndarray]:
+    r = rounder(job.work)
+    densities = [float(p["density"]) for p in job.per_model]
+    cuts: list[Cut | None] = [None] * job.count
+    if method == "ties":
+        scratch = np.empty(job.size, np.float32)
+        cuts = [magnitude_cut(job, i, d, scratch) for i, d in enumerate(densities)]
+    scales = _l1_scales(method, job, cuts, densities) if job.shared["rescale"] else [1.0] * job.count
+    weights = [r(np.float32(p["weight"])) for p in job.per_model]
+    left = [cut.ties if cut else 0 for cut in cuts]
+    for s, e in job.spans():
+        base = r(job.read(0, s, e))
+        deltas = []
+        for i in range(job.count):
+            delta = r(r(job.read(i + 1, s, e)) - base)
+            mask = _keep(method, job, i, s, e, delta, cuts[i], left, densities[i])
+            if mask is not None:
+                delta = delta * mask
+                if scales[i] != 1.0:
+                    delta *= np.float32(scales[i])
+            deltas.append(r(delta))
+        yield _combine(base, deltas, weights, method != "task_arithmetic", job, r)
+
+
+def _keep(method: str, job: TensorJob, i: int, s: int, e: int, delta: np.ndarray, cut: Cut | None,
+          left: list[int], density: float) -> np.ndarray | None:
+    """This chunk's keep-mask of model i's task vector (None: keep all)."""
+    if method == "dare_ties" and density < 1:
+        return dare_mask(job.seed, job.name, i, s, e, density)
+    if cut is None:
+        return None
+    mags = np.abs(delta)
+    keep = mags > cut.value
+    if left[i] > 0:
+        equal = np.flatnonzero(mags == cut.value)[: left[i]]
+        keep[equal] = True
+        left[i] -= equal.size
+    return keep
+
+
+def _l1_scales(method: str, job: TensorJob, cuts: list[Cut | None], densities: list[float]) -> list[float]:
+    """``rescale``: each trimmed task vector is scaled back to its L1 norm (unless either norm is ~0)."""
+    r = rounder(job.work)
+    before, after = [0.0] * job.count, [0.0] * job.count
+    left = [cut.ties if cut else 0 for cut in cuts]
+    for s, e in job.spans():
+        base = r(job.read(0, s, e))
+        for i in range(job.count):
+            delta = r(r(job.read(i + 1, s, e)) - base)
+            mask = _keep(method, job, i, s, e, delta, cuts[i], left, densities[i])
+            before[i] += float(np.abs(delta, dtype=np.float64).sum())
+            after[i] += float(np.abs(delta if mask is None else delta * mask, dtype=np.float64).sum())
+    return [b / a if b >= 1e-7 and a >= 1e-7 else 1.0 for b, a in zip(before, after)]
+
+
+def _combine(base: np.ndarray, deltas: list[np.ndarray], weights: list[Any], consensus: bool, job: TensorJob,
+             r: Callable[[Any], Any]) -> np.ndarray:
+    """base + lambda * (sum of weighted, optionally sign-agreeing deltas) [/ their weight sum], with every
+    step rounded to the working dtype (sums accumulate in float32 and round once, as torch's do)."""
+    for d, w in zip(deltas, weights):
+        np.multiply(d, w, out=d)
+        d[:] = r(d)
+    if consensus:
+        total = r(_sum(deltas))
+        majority = np.where(total >= 0, np.float32(1), np.float32(-1))
+        agree = [np.sign(d) == majority for d in deltas]
+        mixed = r(_sum([d * m for d, m in zip(deltas, agree)]))
+        divisor = r(_sum([w * m.astype(np.float32) for w, m in zip(weights, agree)]))
+        divisor[divisor == 0] = 1
+    else:
+        mixed = r(_sum(deltas))
+        divisor = r(_sum(weights))
+        divisor = np.float32(1) if abs(divisor) < 1e-8 else divisor
+    if job.shared["normalize"]:
+        mixed = r(np.divide(mixed, divisor, dtype=np.float32))
+    if float(job.shared["lambda"]) != 1:
+        mixed = r(mixed * np.float32(job.shared["lambda"]))
+    return r(base + mixed)
+
+
+# --- slerp, task_slerp ------------------------------------------------------------------------------
+
+
+def gram(job: TensorJob, vectors: Callable[[int, int], list[np.ndarray]], count: int) -> np.ndarray:
+    """float64 matrix of dot products of the ``count`` vectors ``vectors(start, stop)`` yields per chunk."""
+    g = np.zeros((count, count))
+    for s, e in job.spans():
+        chunk = [v.astype(np.float64) for v in vectors(s, e)]
+        for a in range(count):
+            for b in range(a, count):
+                g[a, b] += float(np.dot(chunk[a], chunk[b]))
+    return np.triu(g) + np.triu(g, 1).T
+
+
+def slerp_coefficients(t: float, g: np.ndarray, eps: float = 1e-8) -> tuple[float, float]:
+    """For two vectors with Gram matrix ``g``: (sin((1-t)O)/sin O, sin(tO)/sin O), or the linear
+    (1 - t, t) when they are nearly parallel (|cos O| > 0.9995) or either is ~0 (as mergekit)."""
+    na, nb = math.sqrt(max(g[0, 0], 0.0)), math.sqrt(max(g[1, 1], 0.0))
     na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
-    dot = min(1.0, max(-1.0, float(np.dot(a.astype(np.float64), b.astype(np.float64))) / (na * nb)))
+    dot = min(1.0, max(-1.0, g[0, 1] / (na * nb)))
     t32 = float(np.float32(t))
-    if abs(dot) > DOT_THRESHOLD or a.size == 0:
+    if abs(dot) > DOT_THRESHOLD:
         return float(np.float32(1) - np.float32(t32)), t32
     theta = math.acos(dot)
     return math.sin((1 - t32) * theta) / math.sin(theta), math.sin(t32 * theta) / math.sin(theta)
 
 
-def task_slerp(init: np.ndarray, deltas: list[np.ndarray], t: float) -> np.ndarray:
-    """WARP's SLERP of task vectors: two at ``t``; more iteratively, the m-th at t = 1/m."""
-    if len(deltas) == 2:
-        return init + slerp(t, deltas[0], deltas[1])
-    running = deltas[0]
-    for m, delta in enumerate(deltas[1:], start=2):
-        running = slerp(1.0 / m, running, delta)
-    return init + running
+def task_slerp_coefficients(g: np.ndarray, t: float) -> list[float]:
+    """Coefficients c of WARP's merged task vector sum_i c_i d_i, from the task vectors' Gram matrix:
+    two at ``t``; more iteratively, the m-th joining the running merge r at t = 1/m (r . d_m and |r|^2
+    follow from the Gram matrix, so r is never materialised)."""
+    if len(g) == 2:
+        return list(slerp_coefficients(t, g))
+    c = np.zeros(len(g))
+    c[0] = 1.0
+    for m in range(1, len(g)):
+        pair = np.array([[c @ g @ c, c @ g[:, m]], [c @ g[:, m], g[m, m]]])
+        ca, cb = slerp_coefficients(1.0 / (m + 1), pair)
+        c *= ca
+        c[m] += cb
+    return c.tolist()
 
 
-def model_stock(base: np.ndarray, models: list[np.ndarray], shape: tuple[int, ...], filter_wise: bool) -> np.ndarray:
-    """Model Stock: interpolate from the base to the models' mean by t = N c / (1 + (N - 1) c)."""
-    rows = shape[0] if filter_wise and len(shape) > 1 else 1
-    w0 = base.reshape(rows, -1)
-    ws = [x.reshape(rows, -1) for x in models]
-    offsets = [(x - w0).astype(np.float64) for x in ws]
-    cosines = []
-    for i, a in enumerate(offsets):
-        for b in offsets[i + 1:]:
-            norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-            cosines.append(np.clip((a * b).sum(axis=-1) / np.maximum(norms, 1e-6), -1, 1))
-    cos = np.mean(cosines, axis=0)[:, None]
-    count = len(ws)
-    denominator = 1 + (count - 1) * cos
-    singular = np.abs(denominator) < 1e-6
-    t = np.where(singular, 0.0, count * cos / np.where(singular, 1.0, denominator)).astype(np.float32)
-    average = _sum(ws) / np.float32(count)
-    return (t * average + (np.float32(1) - t) * w0).reshape(-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# one tensor: inputs and resolved parameters -> merged float32 array
-
-
-@dataclass
-class TensorJob:
-    """One tensor's inputs (float32) and its parameters, resolved for this tensor."""
-
-    name: str
-    shape: tuple[int, ...]
-    base: np.ndarray | None
-    models: list[np.ndarray]
-    """The inputs besides the base, in recipe order."""
-    per_model: list[dict[str, Any]]
-    shared: dict[str, Any]
-    seed: int
-    work: str | None = None
-    """A mergekit YAML's ``dtype`` (F16, BF16): the task-arithmetic family computes in it, as mergekit does."""
-
-
-def merge_job(method: str, job: TensorJob) -> np.ndarray:
-    """The merged float32 tensor of ``job`` under ``method``."""
-    if method in ("task_arithmetic", "ties", "dare_ties"):
-        return _gta(method, job)
+def _slerp_family(method: str, job: TensorJob) -> Iterator[np.ndarray]:
+    """slerp: base and model at ``t``; task_slerp: the init plus a SLERP of the task vectors."""
     if method == "slerp":
-        return slerp(job.shared["t"], job.base, job.models[0])
-    if method == "model_stock":
-        return model_stock(job.base, job.models, job.shape, bool(job.shared["filter_wise"]))
-    if method == "task_slerp":
-        return task_slerp(job.base, [x - job.base for x in job.models], job.shared["t"])
-    raise AssertionError(method)
+        g = gram(job, lambda s, e: [job.read(0, s, e), job.read(1, s, e)], 2)
+        coefficients, offset = list(slerp_coefficients(job.shared["t"], g)), False
+    else:
+        g = gram(job, lambda s, e: _deltas(job, s, e), job.count)
+        coefficients, offset = task_slerp_coefficients(g, job.shared["t"]), True
+    c32 = [np.float32(c) for c in coefficients]
+    for s, e in job.spans():
+        vectors = _deltas(job, s, e) if offset else [job.read(0, s, e), job.read(1, s, e)]
+        out = _sum([c * v for c, v in zip(c32, vectors)])
+        yield job.read(0, s, e) + out if offset else out
 
 
-def _gta(method: str, job: TensorJob) -> np.ndarray:
-    rescale = bool(job.shared["rescale"])
-    r = rounder(job.work)
-    base = r(job.base)
-    deltas = []
-    for i, (x, params) in enumerate(zip(job.models, job.per_model)):
-        delta = r(r(x) - base)
-        density = float(params["density"])
-        if method == "ties":
-            mask = top_magnitude_mask(delta, density)
-        elif method == "dare_ties":
-            mask = random_mask(delta.size, density, dare_rng(job.seed, job.name, i))
-        else:
-            mask = None
-        deltas.append(r(apply_mask(delta, mask, rescale)))
-    return generalized_task_arithmetic(base, deltas, [p["weight"] for p in job.per_model],
-                                       consensus=method != "task_arithmetic", normalize=bool(job.shared["normalize"]),
-                                       lam=float(job.shared["lambda"]), work=job.work)
+def _deltas(job: TensorJob, s: int, e: int) -> list[np.ndarray]:
+    base = job.read(0, s, e)
+    return [job.read(i + 1, s, e) - base for i in range(job.count)]
 
 
-def dare_rng(seed: int, name: str, index: int) -> np.random.Generator:
-    """DARE's random masks, keyed by (seed, tensor name, model index): the same whatever the order
-    in which tensors are merged."""
-    return np.random.default_rng([seed, zlib.crc32(name.encode()), index])
+# --- model_stock -----------------------------------------------------------------------------------
+
+
+def _model_stock(job: TensorJob) -> Iterator[np.ndarray]:
+    """Model Stock: interpolate from the base to the models' mean by t = N c / (1 + (N - 1) c), c the
+    mean pairwise cosine of the task vectors over the tensor (per row with ``filter_wise``)."""
+    if job.size == 0:
+        return
+    rows = job.shape[0] if job.shared["filter_wise"] and len(job.shape) > 1 else 1
+    width = job.size // rows
+    step = max(1, CHUNK // width) * width if rows > 1 else CHUNK  # whole rows per chunk
+    t = _stock_t(job, rows, width, step)
+    count = np.float32(job.count)
+    for s, e in job.spans(step):
+        base = job.read(0, s, e)
+        average = _sum([job.read(i + 1, s, e) for i in range(job.count)]) / count
+        tt = np.repeat(t[s // width: e // width], width) if rows > 1 else t[0]
+        yield tt * average + (np.float32(1) - tt) * base
+
+
+def _stock_t(job: TensorJob, rows: int, width: int, step: int) -> np.ndarray:
+    """float32 t per row (one row: the whole tensor)."""
+    pairs = [(a, b) for a in range(job.count) for b in range(a, job.count)]
+    dots = {p: np.zeros(rows) for p in pairs}
+    for s, e in job.spans(step):
+        deltas = [d.astype(np.float64).reshape(-1, width if rows > 1 else e - s) for d in _deltas(job, s, e)]
+        for a, b in pairs:
+            dots[a, b][s // width: e // width if rows > 1 else 1] += (deltas[a] * deltas[b]).sum(axis=-1)
+    norms = [np.sqrt(dots[i, i]) for i in range(job.count)]
+    cosines = [np.clip(dots[a, b] / np.maximum(norms[a] * norms[b], 1e-6), -1, 1) for a, b in pairs if a < b]
+    cos = np.mean(cosines, axis=0)
+    denominator = 1 + (job.count - 1) * cos
+    singular = np.abs(denominator) < 1e-6
+    return np.where(singular, 0.0, job.count * cos / np.where(singular, 1.0, denominator)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
