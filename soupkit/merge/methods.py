@@ -207,11 +207,12 @@ def _gta(method: str, job: TensorJob) -> Iterator[np.ndarray]:
             delta = r(r(job.read(i + 1, s, e)) - base)
             mask = _keep(method, job, i, s, e, delta, cuts[i], left, densities[i])
             if mask is not None:
-                delta = delta * mask
+                np.multiply(delta, mask, out=delta)
                 if scales[i] != 1.0:
                     delta *= np.float32(scales[i])
             deltas.append(r(delta))
-        yield _combine(base, deltas, weights, method != "task_arithmetic", job, r)
+        combine = _combine if job.work else _combine32
+        yield combine(base, deltas, weights, method != "task_arithmetic", job, r)
 
 
 def _keep(method: str, job: TensorJob, i: int, s: int, e: int, delta: np.ndarray, cut: Cut | None,
@@ -268,6 +269,37 @@ def _combine(base: np.ndarray, deltas: list[np.ndarray], weights: list[Any], con
     if float(job.shared["lambda"]) != 1:
         mixed = r(mixed * np.float32(job.shared["lambda"]))
     return r(base + mixed)
+
+
+def _combine32(base: np.ndarray, deltas: list[np.ndarray], weights: list[Any], consensus: bool, job: TensorJob,
+               r: Callable[[Any], Any]) -> np.ndarray:
+    """``_combine`` in float32, in place: the same operations in the same order, so the same bits."""
+    for d, w in zip(deltas, weights):
+        d *= w
+    mixed = _sum(deltas)
+    if consensus:
+        positive = mixed >= 0  # the elected sign, from the sum of the weighted deltas
+        negative = ~positive
+        divisor = np.zeros_like(mixed)
+        for i, (d, w) in enumerate(zip(deltas, weights)):
+            agree = (d > 0) & positive  # sign(d) == the elected sign (np.where on booleans is slow)
+            agree |= (d < 0) & negative
+            np.multiply(d, agree, out=d)
+            divisor += agree.astype(np.float32) * w  # (a masked ufunc with where= is ~30x slower)
+            if i == 0:
+                mixed[:] = d
+            else:
+                mixed += d
+        np.copyto(divisor, np.float32(1), where=divisor == 0)
+    else:
+        divisor = _sum(weights)
+        divisor = np.float32(1) if abs(divisor) < 1e-8 else divisor
+    if job.shared["normalize"]:
+        np.divide(mixed, divisor, out=mixed)
+    if float(job.shared["lambda"]) != 1:
+        mixed *= np.float32(job.shared["lambda"])
+    mixed += base
+    return mixed
 
 
 # --- slerp, task_slerp ------------------------------------------------------------------------------
