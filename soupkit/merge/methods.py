@@ -197,7 +197,8 @@ def _gta(method: str, job: TensorJob) -> Iterator[np.ndarray]:
     if method == "ties":
         scratch = np.empty(job.size, np.float32)
         cuts = [magnitude_cut(job, i, d, scratch) for i, d in enumerate(densities)]
-    scales = _l1_scales(method, job, cuts, densities) if job.shared["rescale"] else [1.0] * job.count
+    drawn: dict[tuple[int, int], np.ndarray] = {}
+    scales = _l1_scales(method, job, cuts, densities, drawn) if job.shared["rescale"] else [1.0] * job.count
     weights = [r(np.float32(p["weight"])) for p in job.per_model]
     left = [cut.ties if cut else 0 for cut in cuts]
     for s, e in job.spans():
@@ -205,7 +206,7 @@ def _gta(method: str, job: TensorJob) -> Iterator[np.ndarray]:
         deltas = []
         for i in range(job.count):
             delta = r(r(job.read(i + 1, s, e)) - base)
-            mask = _keep(method, job, i, s, e, delta, cuts[i], left, densities[i])
+            mask = _keep(method, job, i, s, e, delta, cuts[i], left, densities[i], drawn)
             if mask is not None:
                 np.multiply(delta, mask, out=delta)
                 if scales[i] != 1.0:
@@ -216,10 +217,18 @@ def _gta(method: str, job: TensorJob) -> Iterator[np.ndarray]:
 
 
 def _keep(method: str, job: TensorJob, i: int, s: int, e: int, delta: np.ndarray, cut: Cut | None,
-          left: list[int], density: float) -> np.ndarray | None:
-    """This chunk's keep-mask of model i's task vector (None: keep all)."""
+          left: list[int], density: float, drawn: dict[tuple[int, int], np.ndarray],
+          keep_drawn: bool = False) -> np.ndarray | None:
+    """This chunk's keep-mask of model i's task vector (None: keep all); DARE's masks drawn in the
+    rescale pass are kept, bit-packed, in ``drawn`` for the output pass."""
     if method == "dare_ties" and density < 1:
-        return dare_mask(job.seed, job.name, i, s, e, density)
+        packed = drawn.pop((i, s), None)  # drawn by the rescale pass (drawing costs more than merging)
+        if packed is not None:
+            return np.unpackbits(packed, count=e - s).view(bool)
+        mask = dare_mask(job.seed, job.name, i, s, e, density)
+        if keep_drawn:
+            drawn[i, s] = np.packbits(mask)
+        return mask
     if cut is None:
         return None
     mags = np.abs(delta)
@@ -231,7 +240,8 @@ def _keep(method: str, job: TensorJob, i: int, s: int, e: int, delta: np.ndarray
     return keep
 
 
-def _l1_scales(method: str, job: TensorJob, cuts: list[Cut | None], densities: list[float]) -> list[float]:
+def _l1_scales(method: str, job: TensorJob, cuts: list[Cut | None], densities: list[float],
+               drawn: dict[tuple[int, int], np.ndarray]) -> list[float]:
     """``rescale``: each trimmed task vector is scaled back to its L1 norm (unless either norm is ~0)."""
     r = rounder(job.work)
     before, after = [0.0] * job.count, [0.0] * job.count
@@ -240,9 +250,11 @@ def _l1_scales(method: str, job: TensorJob, cuts: list[Cut | None], densities: l
         base = r(job.read(0, s, e))
         for i in range(job.count):
             delta = r(r(job.read(i + 1, s, e)) - base)
-            mask = _keep(method, job, i, s, e, delta, cuts[i], left, densities[i])
-            before[i] += float(np.abs(delta, dtype=np.float64).sum())
-            after[i] += float(np.abs(delta if mask is None else delta * mask, dtype=np.float64).sum())
+            mask = _keep(method, job, i, s, e, delta, cuts[i], left, densities[i], drawn, keep_drawn=True)
+            magnitude = np.abs(delta)
+            total = float(magnitude.sum(dtype=np.float64))
+            before[i] += total
+            after[i] += total if mask is None else float(np.multiply(magnitude, mask, out=magnitude).sum(dtype=np.float64))
     return [b / a if b >= 1e-7 and a >= 1e-7 else 1.0 for b, a in zip(before, after)]
 
 
