@@ -1,9 +1,11 @@
 """Native task-vector merges: per-tensor numpy kernels with mergekit's semantics, and their parameters.
 
-Each kernel takes whole tensors as flat float32 arrays (a global step such as TIES's top-k, a norm or
-an angle needs the whole tensor) and returns the merged float32 tensor; the engine rounds it once to
-the output dtype. The semantics are mergekit 0.1.5's (read from its source and its papers; no code
-is copied), checked against mergekit's output in ``tests/merge/test_methods.py``:
+Each method streams one tensor: a first pass over its chunks computes what needs the whole tensor
+(TIES's magnitude cut, DARE's L1 rescale, the Gram matrix behind SLERP's angle and Model Stock's
+cosine), then the merged float32 tensor is produced chunk by chunk, every step elementwise, and the
+engine rounds each chunk once to the output dtype. The semantics are mergekit 0.1.5's (read from its
+source and its papers; no code is copied), checked against mergekit's output in
+``tests/merge/test_methods.py`` and ``tests/merge/test_mergekit_yaml.py``:
 
 - ``task_arithmetic`` (Ilharco et al. 2023, arXiv 2212.04089): base + lambda * sum_i w_i d_i, with
   d_i = x_i - base, divided by sum_i w_i when ``normalize``.
@@ -18,7 +20,7 @@ is copied), checked against mergekit's output in ``tests/merge/test_methods.py``
   vectors and N their count, t = N c / (1 + (N - 1) c); result t * mean(x_i) + (1 - t) * base.
 - ``task_slerp`` (WARP, Rame et al. 2024, arXiv 2406.16768): SLERP of the task vectors relative to
   the init: init + sin((1-t)O)/sin(O) d_1 + sin(tO)/sin(O) d_2, O the angle between d_1 and d_2. For
-  M > 2 task vectors it is applied iteratively as the paper does: the running merge of the first
+  M > 2 task vectors the definition used here is the iterated one: the running merge of the first
   m - 1 with the m-th at t = 1/m, so every policy counts equally.
 """
 

@@ -259,7 +259,7 @@ def test_task_slerp_equal_norms_lies_on_the_arc():
 
 
 def test_task_slerp_of_three_is_iterated():
-    """M = 3: slerp(slerp(d1, d2, 1/2), d3, 1/3), as WARP merges M > 2 policies; the running merge is
+    """M = 3: slerp(slerp(d1, d2, 1/2), d3, 1/3), the iterated definition used for M > 2; the running merge is
     never materialised (its norm and angles come from the task vectors' Gram matrix)."""
     rng = np.random.default_rng(3)
     init = rng.standard_normal(40).astype(np.float32)
