@@ -78,6 +78,12 @@ def check(parameters: dict[str, Any]) -> str:
     return "reward"
 
 
+def reads(parameters: dict[str, Any]) -> list[str]:
+    """The files a greedy search reads besides the models (held-out texts or prompts, the reward), for
+    ``soupkit run``'s fingerprints."""
+    return [str(parameters[key]) for key in ("texts", "prompts", "reward") if key in parameters]
+
+
 def select(plan: Any, progress: Callable[[int, int], None] | None = None) -> GreedyResult:
     """Run the greedy search over ``plan``'s ingredients (loaded once each, float32, on the CPU)."""
     from soupkit.adapters import lm_source

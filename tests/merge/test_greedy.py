@@ -122,3 +122,14 @@ def test_bad_greedy_settings(tmp_path, four, parameters, weights, message):
         run_merge({"merge": {"method": "greedy", "models": models, "parameters": parameters,
                              "output": str(tmp_path / "o")}})
     assert not (tmp_path / "o").exists()
+
+
+def test_soupkit_run_fingerprints_the_held_out_texts(tmp_path):
+    """A greedy soup reads its texts: ``soupkit run`` lists them with the models, so editing them reruns it."""
+    from soupkit.pipeline import units
+    from soupkit.recipe import load_recipe
+
+    recipe = load_recipe({"merge": {"method": "greedy", "models": ["a", "b"], "output": str(tmp_path / "o"),
+                                    "parameters": {"texts": "held.txt"}}})
+    (unit,) = units(recipe, lambda *a, **k: None)
+    assert unit.reads == ("a", "b", "held.txt")
