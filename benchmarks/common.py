@@ -8,16 +8,16 @@ import time
 from pathlib import Path
 
 
-def build_llama_pair(work: Path) -> list[Path]:
-    """Two random bf16 Llama checkpoints (hidden 768, 12 layers, vocab 32000, untied: 134M params),
-    built once from a config and reused."""
+def build_llama_pair(work: Path, seeds: tuple[int, ...] = (0, 1)) -> list[Path]:
+    """Two (or ``len(seeds)``) random bf16 Llama checkpoints (hidden 768, 12 layers, vocab 32000, untied:
+    134M params), built once from a config and reused."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                          num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=False)
     paths = []
-    for seed in (0, 1):
+    for seed in seeds:
         path = work / f"model-{seed}"
         if not (path / "model.safetensors").exists():
             torch.manual_seed(seed)

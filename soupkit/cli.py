@@ -82,13 +82,13 @@ CHAT_HELP = "Chat template: auto (the tokenizer's, if any), always, never, chatm
 @app.command()
 @user_errors
 def merge(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML with a merge: section.")],
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML with a merge: section, or a mergekit YAML (read as is).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (overrides merge.output).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) checkpoints; they can run code.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: merge.dtype=float32.")] = None,
 ) -> None:
-    """Merge the models of RECIPE's merge: section into one checkpoint."""
+    """Merge the models of RECIPE's merge: section (or of a mergekit configuration) into one checkpoint."""
     import time
 
     from soupkit.merge import load_merge_spec, run_merge

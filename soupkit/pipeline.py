@@ -298,7 +298,7 @@ def _grid(overrides: dict[str, Any], many: str, one: str) -> list[Any] | None:
 
 def units(recipe: Recipe, log: Log) -> list[Unit]:
     """The work ``recipe`` describes, in the recipe's order, each with the paths it reads."""
-    from soupkit.merge import run_merge
+    from soupkit.merge import greedy, run_merge
     from soupkit.train import train_reward_model, train_sft
 
     work = [Unit("sft", spec.name, Path(spec.output), to_plain(spec),
@@ -314,8 +314,9 @@ def units(recipe: Recipe, log: Log) -> list[Unit]:
                              lambda force: _warm_average(warm, force), tuple(i.model for i in warm.models)))
     for soup in recipe.soups():
         m = soup.spec
+        held_out = tuple(greedy.reads(m.parameters)) if m.method == "greedy" else ()  # its texts or prompts and reward
         work.append(Unit("merge", soup.name, Path(m.output or ""), to_plain(m), lambda force, m=m: run_merge(m, force=force),
-                         tuple(i.model for i in m.models) + ((m.base,) if m.base else ())))
+                         tuple(i.model for i in m.models) + ((m.base,) if m.base else ()) + held_out))
     runs = expand_align(recipe.align) if recipe.align else []
     work += [_align_unit(name, seed, coef, spec, path, log) for name, seed, coef, spec, path in runs]
     if recipe.eval:

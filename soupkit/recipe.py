@@ -30,7 +30,11 @@ from pydantic import (
 from soupkit.chat import check_setting
 from soupkit.errors import SoupkitError, did_you_mean
 
-NATIVE_METHODS = ("uniform", "weighted", "layerwise")
+NATIVE_METHODS = ("uniform", "weighted", "layerwise", "greedy")
+"""Soups: weighted averages whose weights are normalised to sum to 1 (soupkit's own semantics); greedy is
+the uniform soup of the ingredients a held-out score keeps (``soupkit.merge.greedy``)."""
+TASK_METHODS = ("task_arithmetic", "ties", "dare_ties", "slerp", "model_stock", "task_slerp")
+"""Task-vector methods soupkit runs natively with mergekit's semantics (``soupkit.merge.methods``)."""
 ChatTemplate = Annotated[str, AfterValidator(check_setting)]
 """auto | always | never | chatml | PATH.jinja (``soupkit.chat``)."""
 Dtype = Literal["float32", "float16", "bfloat16"]
@@ -94,7 +98,8 @@ class MergeSpec(Strict):
     """The ``merge:`` section of a recipe."""
 
     method: str = "uniform"
-    """uniform | weighted | layerwise | any mergekit method (ties, slerp, task_arithmetic, ...)."""
+    """uniform | weighted | layerwise | task_arithmetic | ties | dare_ties | slerp | model_stock | task_slerp
+    (native) | any other mergekit method (della, nuslerp, ...), run through mergekit."""
     models: list[Ingredient]
     """Ingredients: paths or Hub ids, or ``{model, weight, parameters}``."""
     base: str | None = None
@@ -105,6 +110,16 @@ class MergeSpec(Strict):
     """Output directory (``--out`` overrides it)."""
     parameters: dict[str, Any] = {}
     """Method-wide parameters for mergekit methods (``t`` for slerp, ``normalize``, ...)."""
+    backend: Literal["auto", "mergekit"] = "auto"
+    """``auto``: soupkit's engine for the methods it implements, mergekit for the rest; ``mergekit``: mergekit for
+    every method but the soups (uniform, weighted, layerwise), e.g. to compare the two."""
+    tokenizer_source: str | None = None
+    """The ingredient whose tokenizer files the output gets (default: the base, else the first model)."""
+    mergekit_config: dict[str, Any] | None = None
+    """The mergekit YAML this section was read from (``soupkit merge mk.yaml``): mergekit runs it as
+    written when soupkit's engine does not (``soupkit.merge.mergekit_yaml``)."""
+    seed: int = 0
+    """Seed of dare_ties' random masks (mergekit's ``--random-seed`` when mergekit runs the merge)."""
     shard_size: str | int = "5GB"
     """Largest output shard, e.g. ``5GB`` or ``500MB``."""
     chat_template: ChatTemplate | None = None
@@ -133,6 +148,8 @@ class MergeSpec(Strict):
     def _method_rules(self) -> MergeSpec:
         if not self.models:
             raise ValueError("models: at least one model is needed")
+        if self.tokenizer_source is not None and self.tokenizer_source not in [m.model for m in self.models]:
+            raise ValueError(f"tokenizer_source: {self.tokenizer_source!r} is not one of the models")
         if self.method in NATIVE_METHODS:
             _check_native(self)
         elif self.output_format == "adapter":
@@ -149,7 +166,7 @@ def _check_native(spec: MergeSpec) -> None:
                 f"models[{i}].parameters: method {spec.method!r} takes no per-model parameters"
             )
         _check_native_weight(spec.method, i, ing.weight)
-    if spec.parameters:
+    if spec.parameters and spec.method != "greedy":
         raise ValueError(f"parameters: method {spec.method!r} takes no parameters")
     scalars = [ing.weight for ing in spec.models]
     if spec.method == "weighted" and all(isinstance(w, float) for w in scalars):
@@ -159,9 +176,9 @@ def _check_native(spec: MergeSpec) -> None:
 
 def _check_native_weight(method: str, i: int, weight: Any) -> None:
     where = f"models[{i}].weight"
-    if method == "uniform" and weight is not None:
-        raise ValueError(f"{where}: method 'uniform' takes no weights; use method: weighted")
-    if method != "uniform" and weight is None:
+    if method in ("uniform", "greedy") and weight is not None:
+        raise ValueError(f"{where}: method {method!r} takes no weights (it makes uniform soups); use method: weighted")
+    if method not in ("uniform", "greedy") and weight is None:
         raise ValueError(f"{where}: method {method!r} needs a weight for every model")
     if method == "weighted" and _has_list(weight):
         raise ValueError(f"{where}: a list weight varies over depth; use method: layerwise")
@@ -724,6 +741,10 @@ def load_recipe(source: str | Path | Mapping[str, Any], overrides: Iterable[str]
     """Load and validate a recipe from a YAML path or a dict; ``overrides`` are ``key=value``."""
     label = str(source) if isinstance(source, (str, Path)) else "recipe"
     data = read_yaml(Path(source)) if isinstance(source, (str, Path)) else copy.deepcopy(dict(source))
+    from soupkit.merge import mergekit_yaml
+
+    if mergekit_yaml.is_mergekit_config(data):  # a mergekit YAML, read as is
+        data = mergekit_yaml.to_recipe(data, label)
     for item in overrides:
         apply_override(data, item)
     return resolve_names(validate(Recipe, data, label), label)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from soupkit.merge.methods import METHODS, TensorJob, merge_stream, mergekit_t, resolve
 from soupkit.merge.preflight import MergePlan
 from soupkit.modeldir import STORAGE, Checkpoint
 from soupkit.shards import PlannedTensor, ShardedWriter, parse_size
@@ -35,6 +36,13 @@ class Buffers:
         self.tmp = np.empty(size, dtype=np.float32)
         self.bits = np.empty(size, dtype=np.uint32)
         self.half = np.empty(size, dtype=np.uint16)
+        self.inputs: list[np.ndarray] = []
+
+    def input(self, j: int) -> np.ndarray:
+        """float32 scratch space for input ``j`` of a task-vector merge (one chunk)."""
+        while len(self.inputs) <= j:
+            self.inputs.append(np.empty(self.acc.size, dtype=np.float32))
+        return self.inputs[j]
 
 
 def widen(src: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
@@ -111,6 +119,8 @@ def averaged_chunks(arrays: list[np.ndarray], dtypes: list[str], weights: list[f
 
 def merge_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Buffers) -> None:
     """Average one tensor chunk by chunk; non-float tensors are copied from the first model."""
+    if plan.spec.method in METHODS:
+        return merge_task_tensor(plan, name, writer, buf)
     arrays = [m.array(name) for m in plan.models]
     if not plan.models[0].tensors[name].is_float:
         writer.write(name, arrays[0])
@@ -118,6 +128,48 @@ def merge_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Buffers
     dtypes = [m.tensors[name].dtype for m in plan.models]
     for chunk in averaged_chunks(arrays, dtypes, plan.weights[name], output_dtype(plan, name), buf):
         writer.write(name, chunk)
+
+
+def merge_task_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Buffers) -> None:
+    """A task-vector method on one tensor (``soupkit.merge.methods``: a statistics pass if the method
+    needs one, then float32 chunks), each chunk rounded once to the output dtype; non-float tensors are
+    copied from the base."""
+    source = plan.source
+    if not source.tensors[name].is_float:
+        writer.write(name, source.array(name))
+        return
+    out_dtype = output_dtype(plan, name)
+    for merged in merge_stream(plan.spec.method, task_job(plan, name, buf)):
+        for start in range(0, merged.size, CHUNK):
+            writer.write(name, narrow(merged[start:start + CHUNK], out_dtype, buf))
+
+
+def task_job(plan: MergePlan, name: str, buf: Buffers) -> TensorJob:
+    """One tensor's inputs (read chunk by chunk into ``buf``) and parameters (resolved with mergekit's
+    depth and name rules)."""
+    spec, roles = plan.spec, plan.task_roles
+    ckpts = [plan.base] + [plan.models[i] for i in roles.indices]
+    arrays = [c.array(name) for c in ckpts]
+    dtypes = [c.tensors[name].dtype for c in ckpts]
+
+    def read(j: int, start: int, stop: int) -> np.ndarray:
+        src = arrays[j][start:stop]
+        if isinstance(src, np.ndarray) and src.dtype == np.float32:
+            return src  # read-only mmap view: no copy
+        return widen(src, dtypes[j], buf.input(j)[: stop - start])
+
+    t = mergekit_t(name, plan.num_layers)
+    per_model = [{key: resolve(value, name, t, f"merge.models[{i}].{key}") for key, value in settings.items()}
+                 for i, settings in zip(roles.indices, roles.per_model)]
+    shared = {key: resolve(value, name, t, f"merge.parameters.{key}") for key, value in roles.shared.items()}
+    return TensorJob(name, plan.source.tensors[name].shape, read, len(roles.indices), per_model, shared,
+                     spec.seed, working_dtype(spec))
+
+
+def working_dtype(spec: Any) -> str | None:
+    """A mergekit YAML's ``dtype`` as a safetensors code when it is narrower than float32, else None."""
+    name = (spec.mergekit_config or {}).get("dtype")
+    return {"float16": "F16", "fp16": "F16", "half": "F16", "bfloat16": "BF16", "bf16": "BF16"}.get(str(name))
 
 
 def average_tensors(tensors: list[Any], weights: list[float], buf: Buffers | None = None) -> Any:

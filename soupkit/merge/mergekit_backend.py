@@ -18,7 +18,7 @@ from typing import Any
 from soupkit import adapters
 from soupkit.errors import SoupkitError, did_you_mean
 from soupkit.merge.preflight import MergePlan
-from soupkit.recipe import NATIVE_METHODS, MergeSpec
+from soupkit.recipe import NATIVE_METHODS, TASK_METHODS, MergeSpec
 
 
 def _registry() -> dict[str, Any]:
@@ -28,8 +28,8 @@ def _registry() -> dict[str, Any]:
 
 
 def method_names() -> list[str]:
-    """Every method soupkit accepts: its own three, then mergekit's registry."""
-    return list(NATIVE_METHODS) + sorted(_registry())
+    """Every method soupkit accepts: its soups, its native task-vector methods, then the rest of mergekit's registry."""
+    return list(NATIVE_METHODS) + list(TASK_METHODS) + sorted(set(_registry()) - set(TASK_METHODS))
 
 
 def validate(spec: MergeSpec) -> None:
@@ -43,7 +43,8 @@ def validate(spec: MergeSpec) -> None:
     method = registry[spec.method]
     _check_shared(spec, method)
     _check_per_model(spec, method)
-    _check_inputs(spec, method)
+    if not (spec.mergekit_config or {}).get("slices") and not (spec.mergekit_config or {}).get("modules"):
+        _check_inputs(spec, method)  # slices and modules: mergekit checks each slice's inputs itself
 
 
 def _param_names(method: Any, scopes: set[str]) -> list[str]:
@@ -111,8 +112,8 @@ def _check_count(method: str, what: str, count: int, low: int, high: int | None)
         raise SoupkitError(f"merge.models: method {method} needs {want} {what}; got {count}")
 
 
-def _mergekit_weight(weight: Any) -> Any:
-    """soupkit weight -> mergekit parameter: a mapping becomes a conditional (filter) list."""
+def _mergekit_setting(weight: Any) -> Any:
+    """soupkit setting -> mergekit parameter: a mapping becomes a conditional (filter) list."""
     if not isinstance(weight, dict):
         return weight
     rows: list[dict[str, Any]] = [{"filter": k, "value": v} for k, v in weight.items() if k != "default"]
@@ -126,17 +127,23 @@ def mergekit_config(plan: MergePlan, out_dtype: str) -> dict[str, Any]:
     spec = plan.spec
     models = []
     for ing, ckpt in zip(spec.models, plan.models):
-        params = dict(ing.parameters)
+        params = {k: _mergekit_setting(v) for k, v in ing.parameters.items()}
         if ing.weight is not None:
-            params["weight"] = _mergekit_weight(ing.weight)
+            params["weight"] = _mergekit_setting(ing.weight)
         models.append({"model": adapters.mergekit_name(ckpt), **({"parameters": params} if params else {})})
     config: dict[str, Any] = {"merge_method": spec.method, "models": models, "dtype": "float32",
                               "out_dtype": out_dtype}
     if plan.base is not None:
         config["base_model"] = adapters.mergekit_name(plan.base)
     if spec.parameters:
-        config["parameters"] = dict(spec.parameters)
+        config["parameters"] = {k: _mergekit_setting(v) for k, v in spec.parameters.items()}
     return config
+
+
+def owns_tokenizer(spec: MergeSpec) -> bool:
+    """mergekit builds the tokenizer itself: a mergekit YAML's ``tokenizer:`` or ``tokenizer_source: union``."""
+    config = spec.mergekit_config or {}
+    return spec.backend == "mergekit" and bool(config.get("tokenizer") or config.get("tokenizer_source") == "union")
 
 
 def run(plan: MergePlan, out_dir: Path, out_dtype: str) -> None:
@@ -147,9 +154,10 @@ def run(plan: MergePlan, out_dir: Path, out_dtype: str) -> None:
 
     from soupkit.shards import parse_size
 
-    config = MergeConfiguration.model_validate(mergekit_config(plan, out_dtype))
+    config = MergeConfiguration.model_validate(plan.spec.mergekit_config or mergekit_config(plan, out_dtype))
     with adapters.mergekit_lora_cache(plan, out_dir) as cache:  # adapters: mergekit merges them there first
-        options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=True,
-                               out_shard_size=parse_size(plan.spec.shard_size), lora_merge_cache=cache)
+        options = MergeOptions(copy_tokenizer=owns_tokenizer(plan.spec), write_model_card=False, quiet=True, lazy_unpickle=True,
+                               out_shard_size=parse_size(plan.spec.shard_size), lora_merge_cache=cache,
+                               random_seed=plan.spec.seed)
         logging.getLogger("mergekit").setLevel(logging.WARNING)
         mergekit_run_merge(config, str(out_dir), options=options)

@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from soupkit import adapters
 from soupkit.errors import SoupkitError
 from soupkit.loading import tokenizer_vocab, vocab_difference, vocab_size
 from soupkit.merge import weights as W
+from soupkit.merge.methods import TaskRoles
 from soupkit.modeldir import Checkpoint, TensorInfo, open_checkpoint
-from soupkit.recipe import NATIVE_METHODS, MergeSpec
+from soupkit.recipe import NATIVE_METHODS, TASK_METHODS, MergeSpec
 from soupkit.storage import check_output_free
 
 ARCH_KEYS = ("architectures", "model_type")
@@ -35,6 +37,10 @@ class MergePlan:
     weights: dict[str, list[float]]
     chat_template: str | None = None
     """The soup's chat template: ``merge.chat_template``, else the one its ingredients share."""
+    task_roles: TaskRoles | None = None
+    """For a native task-vector method: the ingredients merged onto the base, and their settings."""
+    greedy: Any = None
+    """For ``method: greedy``: the search's ``GreedyResult`` once it has run."""
 
     @property
     def source(self) -> Checkpoint:
@@ -43,7 +49,8 @@ class MergePlan:
 
     @property
     def native(self) -> bool:
-        return self.spec.method in NATIVE_METHODS
+        """soupkit's engine writes the tensors (else mergekit does)."""
+        return self.spec.method in NATIVE_METHODS or is_native_task(self.spec)
 
     def close(self) -> None:
         for ckpt in self.all_checkpoints():
@@ -72,7 +79,18 @@ def preflight(spec: MergeSpec, output: Path, force: bool = False, allow_pickle: 
         per_model = [ing.weight for ing in spec.models]
         weights = {name: W.tensor_weights(per_model, name, num_layers) for name in names}
         _check_mergeable_dtypes(models, names)
-    return MergePlan(spec, output, models, base, names, num_layers, weights, template)
+    task_roles = None
+    if is_native_task(spec):
+        from soupkit.merge import methods
+
+        task_roles = methods.roles(spec)
+        _check_mergeable_dtypes(everyone, names)
+    return MergePlan(spec, output, models, base, names, num_layers, weights, template, task_roles)
+
+
+def is_native_task(spec: MergeSpec) -> bool:
+    """A task-vector method that soupkit's engine runs (not sent to mergekit with ``backend: mergekit``)."""
+    return spec.method in TASK_METHODS and spec.backend == "auto"
 
 
 def open_ingredient(ref: str, where: str, allow_pickle: bool) -> Checkpoint:

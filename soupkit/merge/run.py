@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -10,8 +12,8 @@ from typing import Any
 from soupkit import adapters
 from soupkit.errors import SoupkitError
 from soupkit.locking import check_not_being_written, writing
-from soupkit.merge import engine, mergekit_backend
-from soupkit.merge.preflight import MergePlan, preflight
+from soupkit.merge import engine, greedy, mergekit_backend, methods
+from soupkit.merge.preflight import MergePlan, is_native_task, preflight
 from soupkit.modeldir import CONFIG_DTYPE, DTYPE_NAMES
 from soupkit.provenance import write_provenance
 from soupkit.recipe import NATIVE_METHODS, MergeSpec, Recipe, load_recipe, to_plain, validate
@@ -59,13 +61,19 @@ def run_merge(
     if not str(output) or output == Path():
         raise SoupkitError("merge.output: no output directory; set merge.output or pass --out")
     with writing([output]):  # before preflight's look at the output, until the rename (issue #16)
-        if spec.method not in NATIVE_METHODS:
+        if spec.method == "greedy":
+            greedy.check(spec.parameters)
+        if is_native_task(spec):
+            methods.roles(spec)  # the parameters, before any file is opened
+        elif spec.method not in NATIVE_METHODS:
             mergekit_backend.validate(spec)
         check_not_being_written(_ingredients(spec), "merge: ingredient")
         check_writable(output)
         plan = preflight(spec, output, force=force, allow_pickle=allow_pickle)
         try:
             check_free_space(output, planned_bytes(plan), f"the merge into {output}")
+            if spec.method == "greedy":  # the search loads the models; the soup of the kept ones is written below
+                plan.greedy = greedy.select(plan)
             with write_errors(output, f"{output} is unchanged"), atomic_output_dir(output, force) as tmp:
                 _merge_into(plan, tmp, progress)
         finally:
@@ -91,14 +99,34 @@ def _merge_into(plan: MergePlan, tmp: Path, progress: Progress | None) -> None:
     if plan.spec.output_format == "adapter":  # the exact low-rank soup (issue #19)
         adapters.write_adapter_soup(plan, tmp)
     elif plan.native:
-        engine.write_soup(plan, tmp, progress)
+        engine.write_soup(kept_plan(plan), tmp, progress)
         write_config(tmp, plan.source.config, dtype)
     else:
         mergekit_backend.run(plan, tmp, CONFIG_DTYPE.get(dtype or "F32", "float32"))
-    copy_support_files(plan.source.path, tmp)
+    if not mergekit_backend.owns_tokenizer(plan.spec):
+        copy_support_files(_tokenizer_source(plan).path, tmp)
     if plan.chat_template is not None:
         write_template(tmp, plan.chat_template)
+    if plan.greedy is not None:
+        refs = [ing.model for ing in plan.spec.models]
+        (tmp / "greedy_soup.json").write_text(json.dumps(greedy.record(plan.greedy, refs), indent=2) + "\n")
     write_provenance(tmp, {"merge": resolved_spec(plan, dtype)}, model_card(plan, dtype))
+
+
+def kept_plan(plan: MergePlan) -> MergePlan:
+    """A greedy soup's plan: the kept ingredients, in the order the search added them (so the written
+    soup is, bit for bit, the one it scored), at uniform weights; any other plan as it is."""
+    if plan.greedy is None:
+        return plan
+    kept = plan.greedy.kept
+    uniform = [1.0 / len(kept)] * len(kept)
+    return dataclasses.replace(plan, models=[plan.models[i] for i in kept], weights=dict.fromkeys(plan.names, uniform))
+
+
+def _tokenizer_source(plan: MergePlan) -> Any:
+    """The checkpoint the tokenizer comes from: ``merge.tokenizer_source``, else the config's source."""
+    refs = [ing.model for ing in plan.spec.models]
+    return plan.models[refs.index(plan.spec.tokenizer_source)] if plan.spec.tokenizer_source else plan.source
 
 
 def write_template(out: Path, template: str) -> None:
@@ -151,12 +179,16 @@ def model_card(plan: MergePlan, dtype: str | None) -> str:
         f"- tensors: {len(plan.names)}; decoder layers: {plan.num_layers}",
         "- the exact recipe is in `soupkit_recipe.yaml`", "",
     ]
+    if plan.greedy is not None:
+        lines += greedy.card_lines(plan.greedy, refs)
     return front + "\n".join(lines)
 
 
 def _weight_text(plan: MergePlan, i: int) -> str:
     weight = plan.spec.models[i].weight
-    if plan.native and not isinstance(weight, (list, dict)):
+    if plan.greedy is not None:
+        return f"{1 / len(plan.greedy.kept):.6g}" if i in plan.greedy.kept else "0 (not kept)"
+    if plan.spec.method in NATIVE_METHODS and not isinstance(weight, (list, dict)):
         first = plan.weights[plan.names[0]][i] if plan.names else 0.0
         return f"{first:.6g} (normalised)"
     return f"`{weight}`" if weight is not None else "-"

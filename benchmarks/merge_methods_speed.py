@@ -1,0 +1,88 @@
+"""Wall time of each native merge method against the read+write floor, in one process.
+
+Three random bfloat16 Llama checkpoints of ~134M parameters (the merge benchmark's pair and a third
+one from the same config): a base and two models. Each method merges them with ``run_merge`` (imports
+done once, outside the timing), on a warm page cache; the runs of the methods alternate. The floor is
+what any merge must do: read the inputs it reads (``cat`` of the files to /dev/null) plus write the
+output's bytes (``dd`` from /dev/zero into a file next to the outputs, flushed to the page cache).
+
+Run:  python benchmarks/merge_methods_speed.py [--runs 3] [--work benchmarks/.work/merge]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import build_llama_pair, pair_benchmark, warm  # noqa: E402
+
+METHODS = {
+    "uniform": lambda b, x, y: {"models": [str(x), str(y)]},
+    "task_arithmetic": lambda b, x, y: {"base": str(b), "models": [{"model": str(x), "weight": 0.6},
+                                                                   {"model": str(y), "weight": 0.4}]},
+    "ties": lambda b, x, y: {"base": str(b), "models": [{"model": str(m), "weight": 0.5, "parameters": {"density": 0.5}}
+                                                        for m in (x, y)]},
+    "dare_ties": lambda b, x, y: {"base": str(b), "models": [{"model": str(m), "weight": 0.5,
+                                                              "parameters": {"density": 0.5}} for m in (x, y)]},
+    "slerp": lambda b, x, y: {"base": str(b), "models": [str(b), str(x)], "parameters": {"t": 0.5}},
+    "model_stock": lambda b, x, y: {"base": str(b), "models": [str(x), str(y)]},
+    "task_slerp": lambda b, x, y: {"base": str(b), "models": [str(x), str(y)], "parameters": {"t": 0.5}},
+}
+
+
+def floor(inputs: list[Path], out_bytes: int, work: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run(["cat", *[str(p / "model.safetensors") for p in inputs]], stdout=subprocess.DEVNULL, check=True)
+    target = work / "floor.bin"
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={max(1, out_bytes >> 24)}",
+                    "status=none"], check=True)
+    elapsed = time.perf_counter() - start
+    target.unlink()
+    return elapsed
+
+
+def inputs_of(method: str, base: Path, x: Path, y: Path) -> list[Path]:
+    return [x, y] if method == "uniform" else [base, x] if method == "slerp" else [base, x, y]
+
+
+def main() -> None:
+    from soupkit import run_merge
+
+    args, work, _, _ = pair_benchmark(__doc__.splitlines()[0], "merge")
+    base, x, y = build_llama_pair(work, (0, 1, 2))
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    floors: dict[str, list[float]] = {m: [] for m in METHODS}
+    for run in range(args.runs):
+        for method in METHODS if run % 2 == 0 else reversed(list(METHODS)):
+            out = work / f"out-{method}"
+            shutil.rmtree(out, ignore_errors=True)
+            warm([base, x, y])
+            spec = {"method": method, "output": str(out), **METHODS[method](base, x, y)}
+            start = time.perf_counter()
+            run_merge({"merge": spec})
+            times[method].append(time.perf_counter() - start)
+            size = (out / "model.safetensors").stat().st_size
+            floors[method].append(floor(inputs_of(method, base, x, y), size, work))
+    report(times, floors, work)
+
+
+def report(times: dict[str, list[float]], floors: dict[str, list[float]], work: Path) -> None:
+    median = {m: statistics.median(v) for m, v in times.items()}
+    summary = {m: {"median_s": round(median[m], 3), "runs_s": [round(t, 3) for t in times[m]],
+                   "floor_s": round(statistics.median(floors[m]), 3),
+                   "over_floor": round(median[m] / statistics.median(floors[m]), 2),
+                   "over_uniform": round(median[m] / median["uniform"], 2)} for m in times}
+    summary["cpus"] = os.cpu_count()
+    (work / "methods.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
