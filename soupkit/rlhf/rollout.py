@@ -64,6 +64,9 @@ class Rollout(Samples):
     """(b,) the sequence reward, with the missing-EOS penalty applied when configured."""
     watch_logprobs: dict[str, torch.Tensor]
     """name -> (b, t) log-probs of each watch model, for the ``kl_<name>`` metrics."""
+    engine_logprobs: torch.Tensor | None = None
+    """(b, t) the rollout engine's own log-probs of the sampled tokens (0 on padding), when it
+    reports them (``vllm``); None when the policy sampled them itself (``hf``)."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ def samples_of(record: Samples) -> dict[str, torch.Tensor]:
 def _rows(value: Any, rows: torch.Tensor) -> Any:
     if isinstance(value, dict):
         return {k: v[rows] for k, v in value.items()}
-    return value[rows]
+    return None if value is None else value[rows]
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int):
