@@ -367,8 +367,8 @@ class AlignSpec(Strict):
     """vllm engine: truncated importance sampling for the engine/trainer log-prob gap (Yao et al. 2025), advantages
     times min(pi_trainer / pi_engine, cap); null = off (2 is the paper's usual cap)."""
     vllm_memory_fraction: float = Field(0.3, gt=0, lt=1, json_schema_extra=MAY_CHANGE_ON_RESUME)
-    """vllm engine: vLLM's gpu_memory_utilization, the share of GPU memory it may take for weights and KV cache (on
-    a CPU: the share of RAM for the KV cache)."""
+    """vllm engine: vLLM's gpu_memory_utilization, the share of GPU memory it may take for weights and KV cache; on
+    a CPU, the share of RAM reserved for its KV cache."""
     vllm_enforce_eager: bool = Field(False, json_schema_extra=MAY_CHANGE_ON_RESUME)
     """vllm engine: no torch.compile / CUDA graphs (faster start, slower sampling)."""
     vllm_sleep: bool = Field(True, json_schema_extra=MAY_CHANGE_ON_RESUME)

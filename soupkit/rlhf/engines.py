@@ -149,6 +149,11 @@ def _load_llm(spec: Any, source: Path, device: torch.device, sleeps: bool) -> An
     from vllm import LLM
 
     kwargs: dict[str, Any] = {}
+    if device.type == "cpu":
+        # vLLM's own CPU rule (fraction x RAM minus the whole process's memory, trainer included) leaves
+        # nothing once the trainer's models are loaded: reserve the fraction of RAM for the KV cache itself.
+        kwargs["kv_cache_memory_bytes"] = int(spec.vllm_memory_fraction * os.sysconf("SC_PAGE_SIZE")
+                                              * os.sysconf("SC_PHYS_PAGES"))
     if processes() > 1:  # one engine per torchrun process, each on its own device (as TRL's colocate mode)
         kwargs["distributed_executor_backend"] = "external_launcher"
     threads = torch.get_num_threads()

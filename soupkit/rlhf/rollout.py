@@ -180,9 +180,15 @@ def generate(
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
-                    cache=out.cache, use_cache=True)
+                    use_cache=True, **kv_cache(out))
         next_position = next_position + 1
     return torch.stack(tokens, dim=1)
+
+
+def kv_cache(out: Any) -> dict[str, Any]:
+    """The model output's KV cache as the next call's keyword: ``cache`` in transformers 5.24,
+    ``past_key_values`` in the 5.19 that vLLM 0.32 needs (``soupkit[vllm]``)."""
+    return {"cache": out.cache} if hasattr(out, "cache") else {"past_key_values": out.past_key_values}
 
 
 def is_stop(response: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:

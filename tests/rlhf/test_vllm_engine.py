@@ -21,7 +21,7 @@ pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
 
 from soupkit.rlhf import build_spec, train  # noqa: E402
-from soupkit.rlhf.engines import Sampling, VLLMEngine, policy_weights  # noqa: E402
+from soupkit.rlhf.engines import Sampling, VLLMEngine  # noqa: E402
 from soupkit.rlhf.rollout import Samples, response_logits, token_logprobs, truncate_at_stop  # noqa: E402
 from tests.conftest import WORDS, tokenizer  # noqa: E402
 from tests.rlhf.conftest import good_words_ref  # noqa: E402
@@ -51,7 +51,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 def _spec(model_dir: Path, **flags):
     base = {"ref": [str(model_dir)], "prompts": "unused.txt", "reward": good_words_ref(), "rollout_engine": "vllm",
-            "vllm_memory_fraction": 0.05, "vllm_enforce_eager": True, "bf16": False, "max_new_tokens": 12,
+            "vllm_memory_fraction": 0.02, "vllm_enforce_eager": True, "bf16": False, "max_new_tokens": 12,
             "temperature": 0.7}
     return build_spec(None, {**base, **flags}, ())
 
@@ -137,7 +137,7 @@ def _ppo(model_dir: Path, prompts: Path, out: Path, engine: str, seed: int) -> l
              "batch_size": 16, "learning_rate": 3e-3, "kl_coef": 0.01, "seed": seed, "lr_schedule": "constant",
              "bf16": False}
     if engine == "vllm":
-        flags.update(vllm_memory_fraction=0.05, vllm_enforce_eager=True)
+        flags.update(vllm_memory_fraction=0.02, vllm_enforce_eager=True)
     train(build_spec(None, flags, ()), out=out)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
