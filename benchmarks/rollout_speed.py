@@ -3,8 +3,11 @@ tokens per second of soupkit's own sampler and of vLLM, with vLLM's per-rollout 
 apart (a PPO run pays it once per step).
 
 Both engines sample the same prompts with the same settings (temperature 1, top_p 1, the model's
-end-of-turn ids, per-row seeds) from weights in the same dtype. Each engine gets one warm-up call
-(vLLM's includes its start), then ``--repeats`` timed calls; the table reports the median.
+end-of-turn ids, per-row seeds) as a PPO run does: the policy in fp32 (the trainer's master weights),
+the hf engine under bf16 autocast with ``--dtype bfloat16``, vLLM in that dtype. Each engine gets one
+warm-up call (vLLM's includes its start), then ``--repeats`` timed calls; the table reports the
+median. For vLLM's samples the trainer's log-probs are recomputed (as in a PPO step) and the gap
+|vLLM - trainer| reported: ``logprob_gap_mean`` / ``_max`` over the response tokens.
 
 Run in the vLLM environment (``scripts/test-vllm --venv-only`` builds it):
   CPU:  python benchmarks/rollout_speed.py                       SmolLM2-135M-Instruct, 32 prompts x 48 tokens
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     enc, stops, pad = prompt_batch(model_dir, args.prompts)
     query, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     dtype = getattr(torch, args.dtype)
-    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     sampling = Sampling(1.0, 1.0, args.tokens, stops, pad, seed=0)
     rows = list(range(args.prompts))
     uniforms = torch.stack([torch.rand(args.tokens, generator=keyed_generator(0, 0, r)) for r in rows])
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         startup = time.perf_counter() - start
 
         def call(engine=engine):
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 return engine.sample(policy, query, mask, step=0, rows=rows, uniforms=uniforms)
 
         first, times, out = timed(call, args.repeats)
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if name == "vllm":
             push = timed(lambda engine=engine: engine.push(policy_weights(policy)), args.repeats)[1]
             row["push_s"] = round(statistics.median(push), 3)
+            row.update(logprob_gap(policy, query, mask, out, stops, pad, autocast))
         row["tokens_per_s"] = round(row["tokens"] / row["call_s"], 1)
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -143,6 +148,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+def logprob_gap(policy, query, mask, out, stops, pad, autocast) -> dict:
+    """|vLLM log-prob - trainer log-prob| of vLLM's samples, mean and max over response tokens."""
+    import torch
+
+    from soupkit.rlhf.engines import mismatch_metrics
+    from soupkit.rlhf.rollout import (
+        Samples,
+        in_chunks,
+        response_logits,
+        token_logprobs,
+        truncate_at_stop,
+    )
+
+    response, valid = truncate_at_stop(out.response, stops, pad)
+    samples = Samples(query, mask.bool(), response, valid)
+    with torch.no_grad(), autocast:
+        trainer = in_chunks(lambda mb: token_logprobs(response_logits(policy, mb, 1.0), mb.response), samples, 8)
+    gaps = mismatch_metrics(trainer, out.logprobs, valid, None)
+    return {"logprob_gap_mean": float(gaps["engine_logprob_diff_mean"]),
+            "logprob_gap_max": float(gaps["engine_logprob_diff_max"])}
 
 
 def _valid_tokens(response, stops):

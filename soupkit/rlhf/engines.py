@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -77,9 +78,26 @@ class HFEngine:
     def sample(self, policy: Any, query: torch.Tensor, query_mask: torch.Tensor, *, step: int,
                rows: list[int], uniforms: torch.Tensor) -> Sampled:
         s = self.sampling
-        response = generate(policy, query, query_mask, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                            top_p=s.top_p, stop_ids=s.stops, pad_id=s.pad_id, uniforms=uniforms.to(query.device))
+        with checkpointing_off(policy):
+            response = generate(policy, query, query_mask, max_new_tokens=s.max_new_tokens,
+                                temperature=s.temperature, top_p=s.top_p, stop_ids=s.stops, pad_id=s.pad_id,
+                                uniforms=uniforms.to(query.device))
         return Sampled(response)
+
+
+@contextmanager
+def checkpointing_off(model: Any) -> Iterator[None]:
+    """Layers that ``gradient_checkpointing`` left in training mode, in eval mode while sampling:
+    transformers 5.19 (vLLM 0.32's range) drops the KV cache of such a layer even without gradients
+    (5.24 keeps it), which would sample every token after the first from the last token alone."""
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True and m.training]
+    for module in flagged:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in flagged:
+            module.training = True
 
 
 def check_engine(spec: Any) -> None:
@@ -156,7 +174,6 @@ def _load_llm(spec: Any, source: Path, device: torch.device, sleeps: bool) -> An
                                               * os.sysconf("SC_PHYS_PAGES"))
     if processes() > 1:  # one engine per torchrun process, each on its own device (as TRL's colocate mode)
         kwargs["distributed_executor_backend"] = "external_launcher"
-    threads = torch.get_num_threads()
     try:
         return LLM(model=str(source), skip_tokenizer_init=True, seed=spec.seed,
                    dtype="bfloat16" if spec.bf16 is True else "float32",
@@ -166,8 +183,6 @@ def _load_llm(spec: Any, source: Path, device: torch.device, sleeps: bool) -> An
                    trust_remote_code=spec.trust_remote_code, **kwargs)
     except Exception as exc:  # vLLM's own errors: an architecture it lacks, memory it cannot reserve
         raise SoupkitError(f"rollout_engine vllm could not load {source}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        torch.set_num_threads(threads)  # vLLM's CPU worker re-sizes the process's thread pool
 
 
 def _max_len(spec: Any, source: Path) -> int:
