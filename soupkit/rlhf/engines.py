@@ -163,7 +163,7 @@ class VLLMEngine:
 def _load_llm(spec: Any, source: Path, device: torch.device, sleeps: bool) -> Any:
     # In-process engine core: the weight push hands tensors over without serialising them.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its warnings about the tokenizer soupkit keeps are noise
     from vllm import LLM
 
     kwargs: dict[str, Any] = {}

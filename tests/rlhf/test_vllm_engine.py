@@ -172,3 +172,16 @@ def test_truncated_is_correction_runs_and_logs_its_weight(model_dir, tmp_path):
     # fp32 engine and trainer agree to ~1e-6, so every weight is ~1 and none is truncated.
     assert all(abs(r["rollout_is_weight"] - 1) < 1e-3 and r["rollout_is_truncated"] == 0 for r in rows), rows
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+@pytest.mark.smoke
+def test_rollout_speed_script_runs_tiny(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "rollout_speed.py"
+    spec = importlib.util.spec_from_file_location("rollout_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    hf, vllm = module.main(["--size", "tiny", "--prompts", "4", "--tokens", "8", "--eager", "--dtype", "float32",
+                            "--memory-fraction", "0.02", "--work", str(tmp_path)])
+    assert hf["tokens"] > 0 and vllm["tokens"] > 0 and vllm["logprob_gap_max"] < BOUND
