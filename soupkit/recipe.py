@@ -362,7 +362,7 @@ class AlignSpec(Strict):
     """Recompute policy and critic activations in the backward pass: less memory, one more forward."""
     rollout_engine: Literal["hf", "vllm"] = "hf"
     """What samples the responses: hf (the policy's own forward passes) or vllm (a vLLM engine in the same process,
-    the policy's weights pushed into it before each rollout; pip install 'soupkit[vllm]')."""
+    the policy's weights pushed into it before each rollout; needs the vllm extra, see the README's Rollout engines)."""
     rollout_is_cap: float | None = Field(None, gt=0)
     """vllm engine: truncated importance sampling for the engine/trainer log-prob gap (Yao et al. 2025), advantages
     times min(pi_trainer / pi_engine, cap); null = off (2 is the paper's usual cap)."""

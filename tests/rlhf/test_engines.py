@@ -118,13 +118,13 @@ def test_vllm_under_sharded_training_is_refused_in_one_line(monkeypatch, sft_a, 
 def test_vllm_missing_is_refused_before_any_model_loads(monkeypatch, tmp_path, sft_a, prompts_txt):
     import importlib.util
 
-    import soupkit.rlhf.models as models
+    import soupkit.rlhf.trainer as trainer
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
-    monkeypatch.setattr(models, "load_models", lambda *a, **k: pytest.fail("models loaded"))
+    monkeypatch.setattr(trainer, "preflight", lambda *a, **k: pytest.fail("inputs read before the refusal"))
     spec = build_spec(None, {"ref": [str(sft_a)], "prompts": str(prompts_txt), "rollout_engine": "vllm",
                              "reward": "tests/rlhf/rewards.py:good_words"}, ())
-    with pytest.raises(SoupkitError, match=r"rollout_engine vllm needs vLLM: pip install 'soupkit\[vllm\]'"):
+    with pytest.raises(SoupkitError, match="rollout_engine vllm needs vLLM: install soupkit's vllm extra"):
         train(spec, out=tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
