@@ -384,6 +384,19 @@ class AlignSpec(Strict):
     """Keep ref, reward and watch models on the CPU, moved to the accelerator only for their forward passes."""
     gradient_checkpointing: bool = Field(False, json_schema_extra=MAY_CHANGE_ON_RESUME)
     """Recompute policy and critic activations in the backward pass: less memory, one more forward."""
+    rollout_engine: Literal["hf", "vllm"] = "hf"
+    """What samples the responses: hf (the policy's own forward passes) or vllm (a vLLM engine in the same process,
+    the policy's weights pushed into it before each rollout; needs the vllm extra, see the README's Rollout engines)."""
+    rollout_is_cap: float | None = Field(None, gt=0)
+    """vllm engine: truncated importance sampling for the engine/trainer log-prob gap (Yao et al. 2025), advantages
+    times min(pi_trainer / pi_engine, cap); null = off (2 is the paper's usual cap)."""
+    vllm_memory_fraction: float = Field(0.3, gt=0, lt=1, json_schema_extra=MAY_CHANGE_ON_RESUME)
+    """vllm engine: vLLM's gpu_memory_utilization, the share of GPU memory it may take for weights and KV cache; on
+    a CPU, the share of RAM reserved for its KV cache."""
+    vllm_enforce_eager: bool = Field(False, json_schema_extra=MAY_CHANGE_ON_RESUME)
+    """vllm engine: no torch.compile / CUDA graphs (faster start, slower sampling)."""
+    vllm_sleep: bool = Field(True, json_schema_extra=MAY_CHANGE_ON_RESUME)
+    """vllm engine on a CUDA device: free its weights and KV cache while the trainer optimises (no effect on a CPU)."""
     @field_validator("ref", mode="before")
     @classmethod
     def _one_or_more(cls, value: Any) -> Any:
@@ -398,6 +411,9 @@ class AlignSpec(Strict):
                 f"batch_size {self.batch_size} must be divisible by minibatches x grad_accum "
                 f"({self.minibatches} x {self.grad_accum})"
             )
+        if self.rollout_is_cap is not None and self.rollout_engine == "hf":
+            raise ValueError("rollout_is_cap corrects an inference engine's log-prob gap: it needs rollout_engine vllm "
+                             "(the hf engine samples with the trained model itself)")
         return self
 
 

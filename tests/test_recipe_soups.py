@@ -87,5 +87,6 @@ def test_the_schema_says_which_settings_may_change_on_resume():
     """Oracle: the list the trainer kept by hand before the schema said it."""
     spec = AlignSpec(ref=["r"], reward="m:f", prompts="p")
     free = {"steps", "save_every", "keep_checkpoints", "output", "forward_batch_size", "batch_size",
-            "offload_frozen", "gradient_checkpointing", "attention"}  # attention: a kernel, not a setting of the maths
+            "offload_frozen", "gradient_checkpointing", "attention",  # attention: a kernel, not the maths
+            "vllm_memory_fraction", "vllm_enforce_eager", "vllm_sleep"}  # the vllm engine's memory knobs (issue #13)
     assert set(resume_settings(spec)) == set(AlignSpec.model_fields) - free

@@ -245,7 +245,11 @@ def checkpoint_layers(model: Any) -> None:
     transformers only checkpoints layers in training mode, so the decoder layers alone are flagged
     as training (not recursively: their attention and MLP children stay in eval mode, no dropout).
     """
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers 5.19 (the vLLM environment, ``soupkit[vllm]``) has the older name
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     for module in model.modules():

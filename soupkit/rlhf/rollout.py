@@ -64,6 +64,9 @@ class Rollout(Samples):
     """(b,) the sequence reward, with the missing-EOS penalty applied when configured."""
     watch_logprobs: dict[str, torch.Tensor]
     """name -> (b, t) log-probs of each watch model, for the ``kl_<name>`` metrics."""
+    engine_logprobs: torch.Tensor | None = None
+    """(b, t) the rollout engine's own log-probs of the sampled tokens (0 on padding), when it
+    reports them (``vllm``); None when the policy sampled them itself (``hf``)."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ def samples_of(record: Samples) -> dict[str, torch.Tensor]:
 def _rows(value: Any, rows: torch.Tensor) -> Any:
     if isinstance(value, dict):
         return {k: v[rows] for k, v in value.items()}
-    return value[rows]
+    return None if value is None else value[rows]
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int):
@@ -177,9 +180,15 @@ def generate(
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
-                    cache=out.cache, use_cache=True)
+                    use_cache=True, **kv_cache(out))
         next_position = next_position + 1
     return torch.stack(tokens, dim=1)
+
+
+def kv_cache(out: Any) -> dict[str, Any]:
+    """The model output's KV cache as the next call's keyword: ``cache`` in transformers 5.24,
+    ``past_key_values`` in the 5.19 that vLLM 0.32 needs (``soupkit[vllm]``)."""
+    return {"cache": out.cache} if hasattr(out, "cache") else {"past_key_values": out.past_key_values}
 
 
 def is_stop(response: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from soupkit import adapters
 from soupkit.errors import SoupkitError
 from soupkit.formats import Prompt
 from soupkit.hostmem import keep_freed_memory
@@ -31,6 +32,7 @@ from soupkit.recipe import AlignSpec
 from soupkit.rlhf import checkpoints, ema
 from soupkit.rlhf.advantage import explained_variance, gae, masked_mean, per_token_rewards
 from soupkit.rlhf.config import lr_factor, micro_batch_size, with_precision
+from soupkit.rlhf.engines import Sampling, check_engine, engine_metrics, is_corrected, make_engine
 from soupkit.rlhf.global_batch import (
     gather_rows,
     my_rows,
@@ -51,7 +53,6 @@ from soupkit.rlhf.rollout import (
     encode_prompts,
     ended,
     entropy,
-    generate,
     in_chunks,
     position_ids,
     response_logits,
@@ -86,6 +87,8 @@ class Run:
     start_step: int = 0
     clock: StageClock = field(default_factory=StageClock)
     """Seconds per stage of the current step (``soupkit.rlhf.timing``)."""
+    engine: Any = None
+    """What samples the responses (``soupkit.rlhf.engines``, ``spec.rollout_engine``)."""
 
 
 def train(spec: AlignSpec, *, out: str | Path | None = None, force: bool = False,
@@ -109,6 +112,7 @@ def train(spec: AlignSpec, *, out: str | Path | None = None, force: bool = False
 
 def _train(spec: AlignSpec, out_dir: Path, force: bool, resume: bool, progress: Progress | None) -> Path:
     check_launch(spec.lora_rank)
+    check_engine(spec)
     defer(0)  # a stop request left by an earlier run in this process is not this run's
     spec = with_precision(spec)
     ema.check(spec)
@@ -160,6 +164,9 @@ def setup(spec: AlignSpec, sources: Sources, out: Path, resume_dir: Path | None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(spec, step))
     kl_ctl = AdaptiveKL(spec.kl_coef, spec.kl_target, spec.kl_horizon) if spec.kl_target else FixedKL(spec.kl_coef)
     run = Run(spec, sources, models, trained, accelerator, optimizer, scheduler, kl_ctl, out)
+    sampling = Sampling(spec.temperature, spec.top_p, spec.max_new_tokens, models.stops,
+                        models.tokenizer.pad_token_id, spec.seed)
+    run.engine = make_engine(spec, adapters.base_dir(sources.init), sampling, accelerator.device)
     if resume_dir is not None:
         checkpoints.restore(run, resume_dir)
     elif accelerator.is_main_process:
@@ -231,7 +238,7 @@ def ppo_step(run: Run, step: int) -> dict[str, Any]:
     # 1. Rollout: sample responses, cut at the end of turn, read policy / reference / critic on them,
     # 2. and score them: sequence reward (+ missing-EOS penalty).
     with bf16_autocast(run):
-        roll = rollout(run, texts, prompts, step, sampling_uniforms(spec.seed, step, rows, spec.max_new_tokens))
+        roll = rollout(run, texts, prompts, step, sampling_uniforms(spec.seed, step, rows, spec.max_new_tokens), rows)
 
     # 3. Advantages: the per-token KL penalty on the reward, then GAE over the response, whitened
     # over the global batch (Huang et al. 2023; 2024, arXiv 2403.17031).
@@ -243,6 +250,7 @@ def ppo_step(run: Run, step: int) -> dict[str, Any]:
         advantages, returns = gae(rewards, roll.values, roll.mask, spec.gamma, spec.gae_lambda)
         if spec.whiten_advantages:
             advantages = whiten_global(acc, advantages, roll.mask)
+        advantages = is_corrected(advantages, roll.logprobs, roll.engine_logprobs, spec.rollout_is_cap)
         batch = Trajectory(**samples_of(roll), logprobs=roll.logprobs, values=roll.values,
                            advantages=advantages, returns=returns)
 
@@ -264,8 +272,10 @@ def bf16_autocast(run: Run) -> Any:
 
 
 @torch.no_grad()
-def rollout(run: Run, texts: list[str], prompts: list[Prompt], step: int, uniforms: torch.Tensor) -> Rollout:
-    """Sample one response per rendered prompt (driven by ``uniforms``, (b, max_new_tokens)), read
+def rollout(run: Run, texts: list[str], prompts: list[Prompt], step: int, uniforms: torch.Tensor,
+            rows: list[int]) -> Rollout:
+    """Sample one response per rendered prompt with ``run.engine`` (the hf engine driven by
+    ``uniforms``, (b, max_new_tokens); vLLM seeded per global row of ``rows``), read
     the policy's log-probs and entropy, the references', the critic's values and the watch
     models' log-probs on it, and score it.
 
@@ -277,10 +287,9 @@ def rollout(run: Run, texts: list[str], prompts: list[Prompt], step: int, unifor
     policy = models.policy
     with full_weights(run.trained, policy):
         with clock("generate"):
-            response = generate(policy, enc["input_ids"], enc["attention_mask"], max_new_tokens=spec.max_new_tokens,
-                                temperature=spec.temperature, top_p=spec.top_p, stop_ids=models.stops,
-                                pad_id=tok.pad_token_id, uniforms=uniforms.to(device))
-            response, mask = truncate_at_stop(response, models.stops, tok.pad_token_id)
+            sampled = run.engine.sample(policy, enc["input_ids"], enc["attention_mask"], step=step, rows=rows,
+                                        uniforms=uniforms)
+            response, mask = truncate_at_stop(sampled.response, models.stops, tok.pad_token_id)
         samples = Samples(enc["input_ids"], enc["attention_mask"].bool(), response, mask)
         with clock("logprobs"):
             both = in_chunks(lambda mb: _logprobs_and_entropy(policy, mb, spec.temperature), samples,
@@ -295,7 +304,8 @@ def rollout(run: Run, texts: list[str], prompts: list[Prompt], step: int, unifor
     with clock("reward"):
         scores = score(run, samples, prompts, step)
     return Rollout(**samples_of(samples), logprobs=logprobs, entropy=entropies, ref_logprobs=ref_logprobs,
-                   values=values, scores=scores, watch_logprobs=watch)
+                   values=values, scores=scores, watch_logprobs=watch,
+                   engine_logprobs=None if sampled.logprobs is None else sampled.logprobs * mask)
 
 
 def _frozen_logprobs(run: Run, model: Any, samples: Samples) -> torch.Tensor:
@@ -432,6 +442,7 @@ def _metrics(run: Run, roll: Rollout, kl: torch.Tensor, returns: torch.Tensor,
         "eos_rate": finished.float().mean(),
         **{f"kl_{name}": every(estimator(roll.logprobs, lp) * roll.mask).sum(dim=1).mean()
            for name, lp in roll.watch_logprobs.items()},
+        **engine_metrics(every, roll, run.spec.rollout_is_cap),
     }
     metrics = {"kl_coef": run.kl_ctl.value, **{k: float(v) for k, v in values.items()}, **stats}
     metrics.update(run.clock.lap())
