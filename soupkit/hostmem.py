@@ -3,12 +3,14 @@
 glibc's ``malloc`` serves every allocation above its mmap threshold (at most 32 MiB by default)
 with a fresh ``mmap`` and returns it to the kernel on ``free``. A PPO step on a CPU allocates and
 frees the same large tensors (logits over the vocabulary, activations, gradients) every step, so
-each step faults every one of their pages in again: on SmolLM2-135M about 200,000 minor faults
-(800 MB) per policy + critic backward pass, which cost about 1.8 s of CPU time per step on the
-development VM, where a fault costs several microseconds. Raising the mmap and trim thresholds
-keeps freed memory in the process's heap, where the next step reuses it without a fault: the
-same effect as the jemalloc or tcmalloc preload that PyTorch's CPU performance guide recommends,
-without a preload. The price: the process's resident memory no longer shrinks after a peak.
+each step faults every one of their pages in again: on SmolLM2-135M 150,000-200,000 minor faults
+(600-800 MB) per policy + critic forward and backward, on a VM where a fault costs several
+microseconds. Raising the mmap and trim thresholds keeps freed memory in the process's heap, where
+the next step reuses it without a fault: the same effect as the jemalloc or tcmalloc preload that
+PyTorch's CPU performance guide recommends, without a preload (benchmarks/README.md: the SmolLM2
+PPO job 49.9 s -> 44.3 s). The price: resident memory no longer shrinks after a peak, and glibc's
+aligned allocations reuse freed blocks imperfectly, so the heap grows by some fragments over the
+first steps (that job's peak: 6871 -> 7082 MiB).
 
 ``SOUPKIT_KEEP_FREED_MEMORY=0`` turns it off.
 """
