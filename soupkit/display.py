@@ -24,9 +24,16 @@ def console() -> Any:
     return Console(soft_wrap=True)
 
 
+def escape(text: str) -> str:
+    """``text`` shown as written: rich would read ``[vllm]`` in ``soupkit[vllm]`` as markup and drop it."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 def error(message: str) -> None:
     """``error: message`` on stderr, ``error:`` in bold red."""
-    stderr().print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    stderr().print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
 
 
 def plain(message: str, err: bool = False) -> None:
@@ -35,7 +42,7 @@ def plain(message: str, err: bool = False) -> None:
 
 
 def wrote(path: Path | str, detail: str = "") -> None:
-    console().print(f"[green]wrote[/] {path}" + (f"  ({detail})" if detail else ""))
+    console().print(f"[green]wrote[/] {escape(str(path))}" + (f"  ({escape(detail)})" if detail else ""))
 
 
 @contextmanager
