@@ -79,4 +79,7 @@ def test_lora_ppo_step0_kl_against_the_adapter_soup(world):
         train(spec, out=out)
         kls[name] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["kl"]
     print(f"step-0 KL: adapter-soup reference {kls['low']:.7f}, full-soup reference {kls['full']:.7f}")
-    assert abs(kls["full"]) > 1e-4 and abs(kls["low"] - kls["full"]) < 1e-5
+    # The two references are one model computed two ways in float32 (adapters applied on the fly vs merged
+    # weights), through 30 layers: their step-0 KLs differed by 1.2e-6 with SDPA attention and 2.1e-5 with eager
+    # (attention: auto on a CPU). A wrong reference (the adapter-disabled base, one ingredient) moves it by ~1e-2.
+    assert abs(kls["full"]) > 1e-4 and abs(kls["low"] - kls["full"]) < 5e-5
