@@ -81,5 +81,5 @@ def test_lora_ppo_step0_kl_against_the_adapter_soup(world):
     print(f"step-0 KL: adapter-soup reference {kls['low']:.7f}, full-soup reference {kls['full']:.7f}")
     # The two references are one model computed two ways in float32 (adapters applied on the fly vs merged
     # weights), through 30 layers: their step-0 KLs differed by 1.2e-6 with SDPA attention and 2.1e-5 with eager
-    # (attention: auto on a CPU). A wrong reference (the adapter-disabled base, one ingredient) moves it by ~1e-2.
+    # (attention: auto on a CPU).
     assert abs(kls["full"]) > 1e-4 and abs(kls["low"] - kls["full"]) < 5e-5
