@@ -13,7 +13,7 @@ the policy never sees, passed as ``--reward module:function``), policy and refer
   right capital minus 0.01 a word past ten; 8 prompts a step, 24 new tokens, learning rate 5e-6.
 
 kl_coef 0.05. The reward gain of a run is the mean reward of its last 5 steps minus that of its
-first 5. The check: the bf16 runs' mean gain lies within the spread (min to max) of the fp32 gains.
+first 5. The check: the default runs' mean gain lies within the spread (min to max) of the fp32 gains.
 
 Run:  python benchmarks/bf16_learning.py [--world toy] [--steps 40] [--seeds 0 1 2] [--threads 1]
 """
@@ -85,11 +85,11 @@ def main() -> None:
             results[mode].append(g)
             print(f"{mode} seed {seed}: gain {g:+.3f} (first 5 steps {statistics.fmean(rewards[:5]):.3f}, "
                   f"last 5 {statistics.fmean(rewards[-5:]):.3f}), {time.perf_counter() - start:.0f} s", flush=True)
-    fp32, bf16 = results["fp32"], results["defaults"]
+    fp32, defaults = results["fp32"], results["defaults"]
     print(f"\nfp32 gains {', '.join(f'{g:+.3f}' for g in fp32)}, mean {statistics.fmean(fp32):+.3f}, "
           f"spread [{min(fp32):+.3f}, {max(fp32):+.3f}]")
-    print(f"defaults gains {', '.join(f'{g:+.3f}' for g in bf16)}, mean {statistics.fmean(bf16):+.3f}")
-    inside = min(fp32) <= statistics.fmean(bf16) <= max(fp32)
+    print(f"defaults gains {', '.join(f'{g:+.3f}' for g in defaults)}, mean {statistics.fmean(defaults):+.3f}")
+    inside = min(fp32) <= statistics.fmean(defaults) <= max(fp32)
     print(f"defaults' mean gain {'within' if inside else 'OUTSIDE'} the spread of the fp32 seeds")
 
 
