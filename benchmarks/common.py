@@ -46,26 +46,41 @@ def pair_benchmark(description: str, name: str) -> tuple[argparse.Namespace, Pat
 
 def rss_anon(pid: int) -> int:
     """Anonymous resident memory of a process in bytes (0 once it has gone)."""
+    return resident(pid).get("RssAnon", 0)
+
+
+def resident(pid: int) -> dict[str, int]:
+    """``RssAnon`` (the process's own memory) and ``VmRSS`` (that plus the file pages it maps: code,
+    memory-mapped weights) of a process, in bytes; empty once it has gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            return next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("RssAnon:")), 0)
+            return {key: int(rest.split()[0]) * 1024 for key, _, rest in (ln.partition(":") for ln in f)
+                    if key in ("RssAnon", "VmRSS")}
     except (FileNotFoundError, ProcessLookupError):
-        return 0
+        return {}
 
 
 def run_sampled(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> tuple[float, int, str]:
     """Wall seconds, peak RssAnon (bytes, sampled every 5 ms) and stdout of a whole process."""
+    wall, peaks, out = run_sampled_peaks(cmd, cwd, env)
+    return wall, peaks["RssAnon"], out
+
+
+def run_sampled_peaks(cmd: list[str], cwd: Path | None = None,
+                      env: dict[str, str] | None = None) -> tuple[float, dict[str, int], str]:
+    """Wall seconds, the peaks of ``resident`` (bytes, sampled every 5 ms) and stdout of a whole process."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak = 0
+    peaks = {"RssAnon": 0, "VmRSS": 0}
     while proc.poll() is None:
-        peak = max(peak, rss_anon(proc.pid))
+        for key, value in resident(proc.pid).items():
+            peaks[key] = max(peaks[key], value)
         time.sleep(0.005)
     wall = time.perf_counter() - start
     out, err = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:3]} failed: {err.decode()[-2000:]}")
-    return wall, peak, out.decode()
+    return wall, peaks, out.decode()
 
 
 def warm(paths: list[Path]) -> None:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import run_sampled  # noqa: E402
+from common import run_sampled_peaks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL112 = ROOT / "benchmarks" / ".work" / "trl112"
@@ -204,14 +204,14 @@ def stage_seconds(work: Path) -> dict[str, float]:
     return {k: sum(r[k] for r in rows) for k in keys}
 
 
-def timed(cmd: list[str], env: dict[str, str], threads: int | None) -> tuple[float, int]:
-    """Wall seconds and peak RssAnon (bytes) of one whole process."""
+def timed(cmd: list[str], env: dict[str, str], threads: int | None) -> tuple[float, dict[str, int]]:
+    """Wall seconds and peak ``RssAnon`` and ``VmRSS`` (bytes) of one whole process."""
     if threads:
         env = {**env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env = {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}
-    wall, peak, _ = run_sampled(cmd, cwd=ROOT, env=env)
-    return wall, peak
+    wall, peaks, _ = run_sampled_peaks(cmd, cwd=ROOT, env=env)
+    return wall, peaks
 
 
 def machine() -> str:
@@ -247,7 +247,7 @@ def main() -> None:
     if job.name == "tiny":
         runners["floor"] = floor_cmd()
     times: dict[str, list[float]] = {name: [] for name in runners}
-    peaks: dict[str, list[int]] = {name: [] for name in runners}
+    peaks: dict[str, list[dict[str, int]]] = {name: [] for name in runners}
     stages: list[dict[str, float]] = []
     for i in range(args.runs):
         names = list(runners)
@@ -255,30 +255,33 @@ def main() -> None:
             wall, peak = timed(*runners[name], args.threads)
             times[name].append(wall)
             peaks[name].append(peak)
-            print(f"run {i + 1} {name}: {wall:.2f} s, peak {peak / 2**20:.0f} MiB", flush=True)
+            print(f"run {i + 1} {name}: {wall:.2f} s, peak RssAnon {peak['RssAnon'] / 2**20:.0f} MiB, "
+                  f"VmRSS {peak['VmRSS'] / 2**20:.0f} MiB", flush=True)
             if name == "soupkit":
                 stages.append(stage_seconds(work))
     report(job, args, times, peaks, stages, load_before)
 
 
-def report(job: Job, args: argparse.Namespace, times: dict[str, list[float]], peaks: dict[str, list[int]],
+def report(job: Job, args: argparse.Namespace, times: dict[str, list[float]], peaks: dict[str, list[dict[str, int]]],
            stages: list[dict[str, float]], load_before: tuple[float, ...]) -> None:
     med = {name: statistics.median(v) for name, v in times.items()}
+    top = {name: {key: max(p[key] for p in runs) for key in ("RssAnon", "VmRSS")} for name, runs in peaks.items()}
     print(f"\njob {job.name}: {job.batches} batches x {job.batch} prompts, {job.new_tokens} new tokens; "
           f"soupkit flags: {args.soupkit_flags or '(defaults)'}")
     print(f"{machine()}; threads per process: {args.threads or 'torch default'}; "
           f"load average before: {load_before}, after: {os.getloadavg()}")
     for name, values in times.items():
         print(f"{name:9s} median {med[name]:.2f} s  ({min(values):.2f}-{max(values):.2f}, {len(values)} runs), "
-              f"peak RssAnon max {max(peaks[name]) / 2**20:.0f} MiB")
+              f"peak RssAnon max {top[name]['RssAnon'] / 2**20:.0f} MiB, VmRSS max {top[name]['VmRSS'] / 2**20:.0f} MiB")
     loop = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
     print(f"soupkit's PPO loop, median over runs, summed over {job.batches} steps: {loop['seconds']:.2f} s")
     for key, value in sorted(loop.items(), key=lambda kv: -kv[1]):
         if key != "seconds":
             print(f"  {key[5:]:11s} {value:7.2f} s  {100 * value / loop['seconds']:5.1f}%")
     if "trl 1.12" in med:
+        mine, theirs = top["soupkit"], top["trl 1.12"]
         print(f"ratio soupkit / trl 1.12: {med['soupkit'] / med['trl 1.12']:.3f}x; peak memory ratio "
-              f"{max(peaks['soupkit']) / max(peaks['trl 1.12']):.2f}x")
+              f"RssAnon {mine['RssAnon'] / theirs['RssAnon']:.2f}x, VmRSS {mine['VmRSS'] / theirs['VmRSS']:.2f}x")
     if "floor" in med and "trl 1.12" in med:
         print(f"ratio floor (imports only) / trl 1.12: {med['floor'] / med['trl 1.12']:.3f}x")
 

@@ -10,7 +10,8 @@ the next step reuses it without a fault: the same effect as the jemalloc or tcma
 PyTorch's CPU performance guide recommends, without a preload (benchmarks/README.md: the SmolLM2
 PPO job 49.9 s -> 44.3 s). The price: resident memory no longer shrinks after a peak, and glibc's
 aligned allocations reuse freed blocks imperfectly, so the heap grows by some fragments over the
-first steps (that job's peak: 6871 -> 7082 MiB).
+first steps (that job's peak, measured before policy and critic were updated one at a time:
+6871 -> 7082 MiB).
 
 ``SOUPKIT_KEEP_FREED_MEMORY=0`` turns it off.
 """

@@ -271,9 +271,13 @@ class PolicyAndValue(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int):
         """Shapes: (b, s) x3 -> logits (b, logits_to_keep, v), values (b, s)."""
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             logits_to_keep=logits_to_keep).logits
-        return logits, self.critic(input_ids, attention_mask, position_ids)
+        return (self.logits(input_ids, attention_mask, position_ids, logits_to_keep),
+                self.critic(input_ids, attention_mask, position_ids))
+
+    def logits(self, input_ids, attention_mask, position_ids, logits_to_keep: int):
+        """The policy's part of ``forward`` alone (the critic's is ``self.critic``)."""
+        return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           logits_to_keep=logits_to_keep).logits
 
 
 def check_same_vocab(tokenizer: Any, path: Path, trust_remote_code: bool) -> None:

@@ -360,6 +360,7 @@ def optimise(run: Run, batch: Trajectory, step: int) -> dict[str, float]:
     micro-batches; stops early when the epoch's approx KL exceeds ``target_kl``."""
     spec, acc = run.spec, run.accelerator
     b, micro = batch.query.shape[0], micro_batch_size(spec)
+    split = one_model_at_a_time(run)
     stats: dict[str, list[float]] = defaultdict(list)
     for epoch in range(spec.ppo_epochs):
         # The same shuffle on every rank, keyed by (seed, step, epoch): no hidden RNG state.
@@ -369,14 +370,22 @@ def optimise(run: Run, batch: Trajectory, step: int) -> dict[str, float]:
             for rows in minibatch.split(micro):
                 mb = batch.select(rows.to(batch.query.device))
                 share = token_share(acc, mb.mask)
-                with acc.accumulate(run.trained):  # gradients sync on the last micro-batch only
-                    loss, mb_stats = minibatch_loss(run, mb)
-                    _check_finite(run, loss, step)
-                    acc.backward(loss * (share * acc.num_processes))  # accelerate divides by grad_accum
+                scale = share * acc.num_processes  # accelerate divides by grad_accum
+                if split:
+                    mb_stats = update_one_model_at_a_time(run, mb, scale, step)
+                else:
+                    with acc.accumulate(run.trained):  # gradients sync on the last micro-batch only
+                        losses, mb_stats = minibatch_loss(run, mb, ("policy", "critic"))
+                        loss = losses["policy"] + losses["critic"]
+                        _check_finite(run, loss, step)
+                        acc.backward(loss * scale)
                 for key, value in mb_stats.items():
                     epoch_stats[key].append(value * share)
             assert acc.sync_gradients, "a minibatch must end on a gradient-accumulation boundary"
-            _optimizer_step(run)
+            if not split:
+                _optimizer_step(run, run.models.policy, run.models.critic)
+            if spec.ref_ema is not None:  # WARP's moving anchor follows every update (arXiv 2406.16768)
+                ema.update(run.models.refs[0], run.models.policy, spec.ref_ema)
         for key, values in sum_over_processes(acc, epoch_stats).items():
             stats[key].extend(values)
         if spec.target_kl is not None and _mean(stats["approx_kl"][-spec.minibatches * spec.grad_accum:]) > spec.target_kl:
@@ -385,30 +394,80 @@ def optimise(run: Run, batch: Trajectory, step: int) -> dict[str, float]:
     return {key: _mean(values) for key, values in stats.items()}
 
 
-def minibatch_loss(run: Run, mb: Trajectory) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``policy_loss + vf_coef * value_loss`` on one micro-batch, with their statistics (detached
-    0-d tensors, read back once per epoch)."""
+def one_model_at_a_time(run: Run) -> bool:
+    """Whether policy and critic can be updated one after the other (``update_one_model_at_a_time``).
+    Needs one micro-batch per minibatch on one process with whole weights (accumulation and
+    DDP/FSDP/DeepSpeed hook one joint backward pass) and no parameter shared between the two."""
+    spec, acc = run.spec, run.accelerator
+    if spec.grad_accum != 1 or acc.num_processes != 1 or acc.state.deepspeed_plugin is not None:
+        return False
+    policy = {id(p) for p in run.models.policy.parameters() if p.requires_grad}
+    return not any(id(p) in policy for p in run.models.critic.parameters())
+
+
+def update_one_model_at_a_time(run: Run, mb: Trajectory, scale: float, step: int) -> dict[str, torch.Tensor]:
+    """The policy's forward, backward, clipping and AdamW step, then the critic's: only one model's
+    activations and fp32 gradients exist at a time, which takes the other's off the peak memory (on
+    SmolLM2-135M about a model's gradients, 0.5 GB, and its activations). The same numbers as the joint
+    update: the two graphs share no tensor, clipping is per model, and AdamW leaves the parameters
+    without a gradient alone. A non-finite critic loss stops the run after the policy's update, which
+    no checkpoint then saves."""
+    stats: dict[str, torch.Tensor] = {}
+    for part, model in (("policy", run.models.policy), ("critic", run.models.critic)):
+        losses, part_stats = minibatch_loss(run, mb, (part,))
+        _check_finite(run, losses[part], step)
+        run.accelerator.backward(losses[part] * scale)
+        _optimizer_step(run, model)
+        stats.update(part_stats)
+    return _ordered(stats)
+
+
+def minibatch_loss(run: Run, mb: Trajectory, parts: tuple[str, ...]) -> tuple[dict[str, torch.Tensor],
+                                                                             dict[str, torch.Tensor]]:
+    """``{"policy": policy_loss, "critic": vf_coef * value_loss}`` (the ``parts`` asked for) on one
+    micro-batch, with their statistics (detached 0-d tensors, read back once per epoch). Both parts
+    come from one forward pass of the wrapped module (which DDP/FSDP/DeepSpeed see)."""
     spec = run.spec
     mask, t = mb.attention_mask, mb.response.shape[1]
+    args = (mb.sequences, mask.long(), position_ids(mask))
+    module = run.accelerator.unwrap_model(run.trained)
     with bf16_autocast(run):
-        logits, values = run.trained(mb.sequences, mask.long(), position_ids(mask), t + 1)
-    logprobs = token_logprobs(scaled_logits(logits[:, :-1], spec.temperature), mb.response)
-    values = values[:, -t - 1:-1]
-    pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, spec.clip_eps)
-    vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.mask, spec.value_clip_eps)
-    stats = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), **pg_stats, **vf_stats}
-    return pg_loss + spec.vf_coef * vf_loss, {k: v.float() for k, v in stats.items()}
+        if len(parts) == 2:
+            logits, values = run.trained(*args, t + 1)
+        elif parts == ("policy",):
+            logits, values = module.logits(*args, t + 1), None
+        else:
+            logits, values = None, module.critic(*args)
+    losses: dict[str, torch.Tensor] = {}
+    pg_stats: dict[str, torch.Tensor] = {}
+    vf_stats: dict[str, torch.Tensor] = {}
+    if logits is not None:
+        logprobs = token_logprobs(scaled_logits(logits[:, :-1], spec.temperature), mb.response)
+        losses["policy"], pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, spec.clip_eps)
+        pg_stats = {"policy_loss": losses["policy"].detach(), **pg_stats}
+    if values is not None:
+        values = values[:, -t - 1:-1]
+        vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.mask, spec.value_clip_eps)
+        losses["critic"] = spec.vf_coef * vf_loss
+        vf_stats = {"value_loss": vf_loss.detach(), **vf_stats}
+    return losses, _ordered({k: v.float() for k, v in {**pg_stats, **vf_stats}.items()})
 
 
-def _optimizer_step(run: Run) -> None:
+def _ordered(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The two losses first, then the rest: one order of ``metrics.jsonl``'s keys whichever update ran."""
+    first = [k for k in ("policy_loss", "value_loss") if k in stats]
+    return {**{k: stats[k] for k in first}, **{k: v for k, v in stats.items() if k not in first}}
+
+
+def _optimizer_step(run: Run, *models: Any) -> None:
+    """Clip each model's gradient norm on its own, step AdamW (parameters without a gradient are
+    left alone) and free the gradients."""
     acc, spec = run.accelerator, run.spec
     if spec.max_grad_norm is not None:
-        acc.clip_grad_norm_(run.models.policy.parameters(), spec.max_grad_norm)
-        acc.clip_grad_norm_(run.models.critic.parameters(), spec.max_grad_norm)
+        for model in models:
+            acc.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if spec.ref_ema is not None:  # WARP's moving anchor follows every update (arXiv 2406.16768)
-        ema.update(run.models.refs[0], run.models.policy, spec.ref_ema)
 
 
 def _check_finite(run: Run, loss: torch.Tensor, step: int) -> None:
