@@ -27,6 +27,7 @@ source and its papers; no code is copied), checked against mergekit's output in
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ METHODS: dict[str, Method] = {
 # output chunk by chunk; every step after the statistics is elementwise, so chunking changes no bit
 
 CHUNK = 1 << 20
+GOLDEN = 0x9E3779B97F4A7C15
+MASK64 = (1 << 64) - 1
 Read = Callable[[int, int, int], np.ndarray]
 """``read(j, start, stop)``: float32 elements [start, stop) of input j (0 = the base, then the models);
 the array may be scratch space reused by the next read of the same input."""
@@ -98,7 +101,8 @@ class TensorJob:
     def size(self) -> int:
         return math.prod(self.shape)
 
-    def spans(self, step: int = CHUNK) -> Iterator[tuple[int, int]]:
+    def spans(self, step: int | None = None) -> Iterator[tuple[int, int]]:
+        step = step or CHUNK  # read at call time (the tests shrink it)
         for start in range(0, self.size, step):
             yield start, min(start + step, self.size)
 
@@ -184,23 +188,61 @@ def magnitude_cut(job: TensorJob, i: int, density: float, scratch: np.ndarray) -
     return Cut(value, k - int(np.count_nonzero(mags[n - k + 1:] > value)))
 
 
+def dare_key(seed: int, name: str, index: int) -> int:
+    """The 64-bit key of DARE's mask of model ``index``'s task vector in tensor ``name``."""
+    key = _mix64((seed + GOLDEN) & MASK64)
+    key = _mix64((key ^ zlib.crc32(name.encode())) & MASK64)
+    return _mix64((key + index * GOLDEN) & MASK64)
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser on a Python int (the kernels' ``_mix``)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def dare_threshold(density: float) -> int:
+    """Element kept when the top 53 bits of its hash are below this: probability ``density`` exactly."""
+    return 0 if density <= 0 else min(1 << 53, int(density * (1 << 53)))
+
+
 def dare_mask(seed: int, name: str, index: int, start: int, stop: int, density: float) -> np.ndarray:
-    """DARE's Bernoulli(density) keep-mask of elements [start, stop) of model ``index``'s task vector,
-    drawn per chunk from a generator keyed by (seed, tensor name, model, chunk): the same whatever the
-    order in which tensors are merged."""
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), index, start // CHUNK])
-    return rng.random(stop - start) < density
+    """DARE's Bernoulli(density) keep-mask of elements [start, stop) of model ``index``'s task vector:
+    element k is kept when splitmix64(key + (k + 1) * golden) >> 11 < density * 2^53, the key hashed
+    from (seed, crc32 of the tensor name, model): counter-based, so the same whatever the chunking and
+    the order in which tensors are merged."""
+    z = np.arange(start + 1, stop + 1, dtype=np.uint64) * np.uint64(GOLDEN) + np.uint64(dare_key(seed, name, index))
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)) < np.uint64(dare_threshold(density))
 
 
 def _gta(method: str, job: TensorJob) -> Iterator[np.ndarray]:
+    if job.work is None and jit_enabled():
+        from soupkit.merge.kernels import gta_fused
+
+        return gta_fused(method, job)
+    return _gta_numpy(method, job)
+
+
+def jit_enabled() -> bool:
+    """The fused numba kernels run unless ``SOUPKIT_JIT=0``."""
+    return os.environ.get("SOUPKIT_JIT", "1") != "0"
+
+
+def _gta_numpy(method: str, job: TensorJob) -> Iterator[np.ndarray]:
+    """The numpy reference of task_arithmetic / ties / dare_ties (one numpy pass per operation)."""
     r = rounder(job.work)
     densities = [float(p["density"]) for p in job.per_model]
     cuts: list[Cut | None] = [None] * job.count
     if method == "ties":
         scratch = np.empty(job.size, np.float32)
         cuts = [magnitude_cut(job, i, d, scratch) for i, d in enumerate(densities)]
-    drawn: dict[tuple[int, int], np.ndarray] = {}
-    scales = _l1_scales(method, job, cuts, densities, drawn) if job.shared["rescale"] else [1.0] * job.count
+    scales = _l1_scales(method, job, cuts, densities) if job.shared["rescale"] else [1.0] * job.count
     weights = [r(np.float32(p["weight"])) for p in job.per_model]
     left = [cut.ties if cut else 0 for cut in cuts]
     for s, e in job.spans():
@@ -208,7 +250,7 @@ def _gta(method: str, job: TensorJob) -> Iterator[np.ndarray]:
         deltas = []
         for i in range(job.count):
             delta = r(r(job.read(i + 1, s, e)) - base)
-            mask = _keep(method, job, i, s, e, delta, cuts[i], left, densities[i], drawn)
+            mask = _keep(method, job, i, s, e, delta, cuts[i], left, densities[i])
             if mask is not None:
                 np.multiply(delta, mask, out=delta)
                 if scales[i] != 1.0:
@@ -219,18 +261,10 @@ def _gta(method: str, job: TensorJob) -> Iterator[np.ndarray]:
 
 
 def _keep(method: str, job: TensorJob, i: int, s: int, e: int, delta: np.ndarray, cut: Cut | None,
-          left: list[int], density: float, drawn: dict[tuple[int, int], np.ndarray],
-          keep_drawn: bool = False) -> np.ndarray | None:
-    """This chunk's keep-mask of model i's task vector (None: keep all); DARE's masks drawn in the
-    rescale pass are kept, bit-packed, in ``drawn`` for the output pass."""
+          left: list[int], density: float) -> np.ndarray | None:
+    """This chunk's keep-mask of model i's task vector (None: keep all)."""
     if method == "dare_ties" and density < 1:
-        packed = drawn.pop((i, s), None)  # drawn by the rescale pass (drawing costs more than merging)
-        if packed is not None:
-            return np.unpackbits(packed, count=e - s).view(bool)
-        mask = dare_mask(job.seed, job.name, i, s, e, density)
-        if keep_drawn:
-            drawn[i, s] = np.packbits(mask)
-        return mask
+        return dare_mask(job.seed, job.name, i, s, e, density)
     if cut is None:
         return None
     mags = np.abs(delta)
@@ -242,22 +276,48 @@ def _keep(method: str, job: TensorJob, i: int, s: int, e: int, delta: np.ndarray
     return keep
 
 
-def _l1_scales(method: str, job: TensorJob, cuts: list[Cut | None], densities: list[float],
-               drawn: dict[tuple[int, int], np.ndarray]) -> list[float]:
+def _l1_scales(method: str, job: TensorJob, cuts: list[Cut | None], densities: list[float]) -> list[float]:
     """``rescale``: each trimmed task vector is scaled back to its L1 norm (unless either norm is ~0)."""
     r = rounder(job.work)
-    before, after = [0.0] * job.count, [0.0] * job.count
+    before = [np.zeros(256, np.int64) for _ in range(job.count)]
+    after = [np.zeros(256, np.int64) for _ in range(job.count)]
     left = [cut.ties if cut else 0 for cut in cuts]
     for s, e in job.spans():
         base = r(job.read(0, s, e))
         for i in range(job.count):
             delta = r(r(job.read(i + 1, s, e)) - base)
-            mask = _keep(method, job, i, s, e, delta, cuts[i], left, densities[i], drawn, keep_drawn=True)
+            mask = _keep(method, job, i, s, e, delta, cuts[i], left, densities[i])
             magnitude = np.abs(delta)
-            total = float(magnitude.sum(dtype=np.float64))
-            before[i] += total
-            after[i] += total if mask is None else float(np.multiply(magnitude, mask, out=magnitude).sum(dtype=np.float64))
-    return [b / a if b >= 1e-7 and a >= 1e-7 else 1.0 for b, a in zip(before, after)]
+            before[i] += l1_histogram(magnitude)
+            after[i] += l1_histogram(magnitude if mask is None else magnitude[mask])
+    return l1_scales(before, after)
+
+
+def l1_histogram(magnitude: np.ndarray) -> np.ndarray:
+    """Sums of the float32 significands of ``magnitude`` (>= 0) per exponent: int64[256], exact (each
+    float32 is significand * 2^(exponent - 150), so ``l1_norm`` recovers the exact sum)."""
+    bits = np.ascontiguousarray(magnitude, dtype=np.float32).view(np.uint32)
+    exponent = bits >> 23
+    significand = (bits & 0x7FFFFF) | np.where(exponent > 0, np.uint32(0x800000), np.uint32(0))
+    # float64 weights are exact: at most CHUNK * 2^24 = 2^44 < 2^53 per bin and chunk
+    return np.bincount(exponent, weights=significand, minlength=256).astype(np.int64)
+
+
+def l1_norm(histogram: np.ndarray) -> float:
+    """The exact sum behind an ``l1_histogram``, rounded once to float64 (NaN if any |d| is inf/NaN)."""
+    if histogram[255]:
+        return math.nan
+    total = sum(int(h) << max(e, 1) for e, h in enumerate(histogram.tolist()) if h)
+    return total / (1 << 150)
+
+
+def l1_scales(before: list[np.ndarray], after: list[np.ndarray]) -> list[float]:
+    """Per model: L1 before / L1 after the trim (1 when either is below 1e-7, as mergekit)."""
+    out = []
+    for b_hist, a_hist in zip(before, after):
+        b, a = l1_norm(b_hist), l1_norm(a_hist)
+        out.append(b / a if b >= 1e-7 and a >= 1e-7 else 1.0)
+    return out
 
 
 def _combine(base: np.ndarray, deltas: list[np.ndarray], weights: list[Any], consensus: bool, job: TensorJob,
