@@ -77,27 +77,47 @@ def gta_chunk(base, models, out, modes, values, left, keys, thresh, start, scale
                 if scales[i] != one:
                     x = x * scales[i]
             d[i] = x * weights[i]
-        mixed = d[0]
-        for i in range(1, count):
-            mixed = mixed + d[i]
-        if consensus:
-            positive = mixed >= zero
-            divisor = zero
-            for i in range(count):
-                agree = (d[i] > zero and positive) or (d[i] < zero and not positive)
-                f = one if agree else zero
-                di = d[i] * f
-                divisor = divisor + f * weights[i]
-                mixed = di if i == 0 else mixed + di
-            if divisor == zero:
-                divisor = one
-        else:
-            divisor = divisor_all
+        mixed = _elect(d, weights) if consensus else _total(d)
+        divisor = _agreeing_weight(d, weights) if consensus else divisor_all
         if normalize:
             mixed = mixed / divisor
         if use_lam:
             mixed = mixed * lam
         out[k] = mixed + b
+
+
+@njit(cache=True, nogil=True)
+def _total(d):
+    """Left-to-right float32 sum."""
+    mixed = d[0]
+    for i in range(1, d.size):
+        mixed = mixed + d[i]
+    return mixed
+
+
+@njit(cache=True, nogil=True)
+def _agrees(di, positive):
+    return (di > 0 and positive) or (di < 0 and not positive)
+
+
+@njit(cache=True, nogil=True)
+def _elect(d, weights):
+    """The sum of the weighted deltas whose sign is the one elected by their total."""
+    positive = _total(d) >= np.float32(0)
+    mixed = d[0] * (np.float32(1) if _agrees(d[0], positive) else np.float32(0))
+    for i in range(1, d.size):
+        mixed = mixed + d[i] * (np.float32(1) if _agrees(d[i], positive) else np.float32(0))
+    return mixed
+
+
+@njit(cache=True, nogil=True)
+def _agreeing_weight(d, weights):
+    """The sum of the weights of the agreeing deltas (1 when none agrees)."""
+    positive = _total(d) >= np.float32(0)
+    divisor = np.float32(0)
+    for i in range(d.size):
+        divisor = divisor + (np.float32(1) if _agrees(d[i], positive) else np.float32(0)) * weights[i]
+    return np.float32(1) if divisor == np.float32(0) else divisor
 
 
 @njit(cache=True, nogil=True)
@@ -217,10 +237,9 @@ def radix_cuts(job: TensorJob, densities: list[float]) -> list[Cut | None]:
     return cuts
 
 
-def gta_fused(method: str, job: TensorJob) -> Iterator[np.ndarray]:
-    """task_arithmetic / ties / dare_ties on float32 work: ``methods._gta_numpy``'s bits, fused."""
+def _masks(method: str, job: TensorJob, densities: list[float]) -> tuple[np.ndarray, ...]:
+    """Per model: mode, TIES cut value and equal elements to keep, DARE key and threshold."""
     count = job.count
-    densities = [float(p["density"]) for p in job.per_model]
     modes, values = np.zeros(count, np.int64), np.zeros(count, np.float32)
     left, keys, thresh = np.zeros(count, np.int64), np.zeros(count, np.uint64), np.zeros(count, np.uint64)
     if method == "ties":
@@ -231,13 +250,25 @@ def gta_fused(method: str, job: TensorJob) -> Iterator[np.ndarray]:
         for i, density in enumerate(densities):
             if density < 1:
                 modes[i], keys[i], thresh[i] = DROP, dare_key(job.seed, job.name, i), dare_threshold(density)
-    scales = np.ones(count, np.float32)
+    return modes, values, left, keys, thresh
+
+
+def _rescales(job: TensorJob, modes: np.ndarray, values: np.ndarray, left: np.ndarray, keys: np.ndarray,
+              thresh: np.ndarray) -> np.ndarray:
+    """``rescale``: float32 L1 before / after per model, from exact histograms (``methods.l1_scales``)."""
+    before, after = np.zeros((job.count, 256), np.int64), np.zeros((job.count, 256), np.int64)
+    counting = left.copy()
+    for s, e in job.spans():
+        l1_histograms(*_chunk(job, s, e), modes, values, counting, keys, thresh, s, before, after)
+    return np.array(l1_scales(list(before), list(after)), np.float64).astype(np.float32)
+
+
+def gta_fused(method: str, job: TensorJob) -> Iterator[np.ndarray]:
+    """task_arithmetic / ties / dare_ties on float32 work: ``methods._gta_numpy``'s bits, fused."""
+    modes, values, left, keys, thresh = _masks(method, job, [float(p["density"]) for p in job.per_model])
+    scales = np.ones(job.count, np.float32)
     if job.shared["rescale"] and modes.any():
-        before, after = np.zeros((count, 256), np.int64), np.zeros((count, 256), np.int64)
-        counting = left.copy()
-        for s, e in job.spans():
-            l1_histograms(*_chunk(job, s, e), modes, values, counting, keys, thresh, s, before, after)
-        scales = np.array(l1_scales(list(before), list(after)), np.float64).astype(np.float32)
+        scales = _rescales(job, modes, values, left, keys, thresh)
     weights = np.array([np.float32(p["weight"]) for p in job.per_model], np.float32)
     divisor = weights[0]
     for w in weights[1:]:
