@@ -35,7 +35,7 @@ KEEP_ALL, TRIM, DROP = 0, 1, 2
 """Per-model modes: keep every element, TIES's magnitude trim, DARE's random drop."""
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _mix(z):
     """splitmix64's finaliser (uint64 -> uint64)."""
     z = (z ^ (z >> S30)) * M1
@@ -43,84 +43,150 @@ def _mix(z):
     return z ^ (z >> S31)
 
 
-@njit(cache=True, nogil=True)
-def _keep(mode, d, value, left, key, thresh, index):
-    """Whether element ``index`` of a task vector (value ``d``) is kept; ``left[0]`` counts down the
-    elements equal to the cut still to keep."""
+@njit(cache=True, nogil=True, error_model="numpy")
+def _factors(mode, b, x, value, left, i, key, thresh, first, f):
+    """``f[k]`` = 1 where element k of the task vector x - b (element ``first + k`` of the tensor) is
+    kept, else 0 (float32); ``left[i]`` counts down the elements equal to TIES's cut still to keep
+    (earliest first). Every argument array is one block (a 1-D view: loops over them vectorise)."""
+    m = b.size
     if mode == TRIM:
-        m = abs(d)
-        if m > value:
-            return True
-        if m == value and left[0] > 0:
-            left[0] -= 1
-            return True
-        return False
-    if mode == DROP:
-        return (_mix(key + np.uint64(index + 1) * G) >> S11) < thresh
-    return True
+        for k in range(m):
+            f[k] = np.float32(abs(x[k] - b[k]) > value)
+        if left[i] > 0:
+            hits = 0
+            for k in range(m):
+                hits += abs(x[k] - b[k]) == value
+            if hits:
+                _keep_equal(b, x, value, left, i, f)
+    elif mode == DROP:
+        for k in range(m):
+            z = key + np.uint64(first + k + 1) * G
+            f[k] = np.float32((_mix(z) >> S11) < thresh)
+    else:
+        for k in range(m):
+            f[k] = np.float32(1)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
+def _keep_equal(b, x, value, left, i, f):
+    """Keep the first ``left[i]`` elements whose magnitude equals the cut."""
+    remaining = left[i]
+    for k in range(b.size):
+        if remaining > 0 and abs(x[k] - b[k]) == value:
+            f[k] = np.float32(1)
+            remaining -= 1
+    left[i] = remaining
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _task_vector(mode, b, x, value, left, i, key, thresh, first, scale, w, f, d):
+    """``d`` = the trimmed (or dropped), rescaled, weighted task vector x - b over one block."""
+    m = b.size
+    if mode == KEEP_ALL:
+        for k in range(m):
+            d[k] = (x[k] - b[k]) * w
+        return
+    _factors(mode, b, x, value, left, i, key, thresh, first, f)
+    if scale != np.float32(1):
+        for k in range(m):
+            d[k] = (x[k] - b[k]) * f[k] * scale * w
+    else:
+        for k in range(m):
+            d[k] = (x[k] - b[k]) * f[k] * w
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _elect(d, weights, total, mixed, divisor):
+    """TIES's sign election over one block: ``mixed`` = the sum of the weighted deltas ``d[i]`` whose
+    sign is their total's, ``divisor`` = the sum of their weights (1 when none agrees)."""
+    zero = np.float32(0)
+    m = total.size
+    d0, w = d[0][:m], weights[0]
+    for k in range(m):
+        positive = total[k] >= zero
+        agree = np.float32(((d0[k] > zero) & positive) | ((d0[k] < zero) & (positive ^ True)))
+        mixed[k] = d0[k] * agree
+        divisor[k] = zero + agree * w
+    for i in range(1, d.shape[0]):
+        di, w = d[i][:m], weights[i]
+        for k in range(m):
+            positive = total[k] >= zero
+            agree = np.float32(((di[k] > zero) & positive) | ((di[k] < zero) & (positive ^ True)))
+            mixed[k] = mixed[k] + di[k] * agree
+            divisor[k] = divisor[k] + agree * w
+    for k in range(m):
+        if divisor[k] == zero:
+            divisor[k] = np.float32(1)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _finish(mixed, divisor, normalize, lam, use_lam, b, o):
+    """``o`` = b + lambda * mixed [/ divisor] (one loop per case: each vectorises)."""
+    m = b.size
+    if normalize and use_lam:
+        for k in range(m):
+            o[k] = mixed[k] / divisor[k] * lam + b[k]
+    elif normalize:
+        for k in range(m):
+            o[k] = mixed[k] / divisor[k] + b[k]
+    elif use_lam:
+        for k in range(m):
+            o[k] = mixed[k] * lam + b[k]
+    else:
+        for k in range(m):
+            o[k] = mixed[k] + b[k]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _finish_all(mixed, divisor, normalize, lam, use_lam, b, o):
+    """``_finish`` with one divisor for every element (task_arithmetic)."""
+    m = b.size
+    if normalize and use_lam:
+        for k in range(m):
+            o[k] = mixed[k] / divisor * lam + b[k]
+    elif normalize:
+        for k in range(m):
+            o[k] = mixed[k] / divisor + b[k]
+    elif use_lam:
+        for k in range(m):
+            o[k] = mixed[k] * lam + b[k]
+    else:
+        for k in range(m):
+            o[k] = mixed[k] + b[k]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def gta_chunk(base, models, out, modes, values, left, keys, thresh, start, scales, weights, consensus,
               normalize, divisor_all, lam, use_lam):
-    """One output chunk of task_arithmetic / ties / dare_ties into ``out`` (float32)."""
+    """One output chunk of task_arithmetic / ties / dare_ties into ``out`` (float32), block by block:
+    each model's weighted, trimmed task vector, then the sum (with TIES's sign election), the
+    division, lambda and the base, each step an L1-resident loop in ``methods._combine32``'s order."""
     count = len(models)
-    d = np.empty(count, np.float32)
-    one, zero = np.float32(1), np.float32(0)
-    for k in range(base.size):
-        b = base[k]
+    d = np.empty((count, BLOCK), np.float32)
+    f = np.empty(BLOCK, np.float32)
+    total, mixed, divisor = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
+    for s in range(0, base.size, BLOCK):
+        e = min(s + BLOCK, base.size)
+        m = e - s
+        b = base[s:e]
         for i in range(count):
-            x = models[i][k] - b
-            if modes[i] != KEEP_ALL:
-                keep = _keep(modes[i], x, values[i], left[i:i + 1], keys[i], thresh[i], start + k)
-                x = x * (one if keep else zero)
-                if scales[i] != one:
-                    x = x * scales[i]
-            d[i] = x * weights[i]
-        mixed = _elect(d, weights) if consensus else _total(d)
-        divisor = _agreeing_weight(d, weights) if consensus else divisor_all
-        if normalize:
-            mixed = mixed / divisor
-        if use_lam:
-            mixed = mixed * lam
-        out[k] = mixed + b
+            _task_vector(modes[i], b, models[i][s:e], values[i], left, i, keys[i], thresh[i], start + s,
+                         scales[i], weights[i], f[:m], d[i][:m])
+        t, d0 = total[:m], d[0][:m]
+        for k in range(m):
+            t[k] = d0[k]
+        for i in range(1, count):
+            di = d[i][:m]
+            for k in range(m):
+                t[k] = t[k] + di[k]
+        if consensus:
+            _elect(d, weights, t, mixed[:m], divisor[:m])
+            _finish(mixed[:m], divisor[:m], normalize, lam, use_lam, b, out[s:e])
+        else:
+            _finish_all(t, divisor_all, normalize, lam, use_lam, b, out[s:e])
 
 
-@njit(cache=True, nogil=True)
-def _total(d):
-    """Left-to-right float32 sum."""
-    mixed = d[0]
-    for i in range(1, d.size):
-        mixed = mixed + d[i]
-    return mixed
-
-
-@njit(cache=True, nogil=True)
-def _agrees(di, positive):
-    return (di > 0 and positive) or (di < 0 and not positive)
-
-
-@njit(cache=True, nogil=True)
-def _elect(d, weights):
-    """The sum of the weighted deltas whose sign is the one elected by their total."""
-    positive = _total(d) >= np.float32(0)
-    mixed = d[0] * (np.float32(1) if _agrees(d[0], positive) else np.float32(0))
-    for i in range(1, d.size):
-        mixed = mixed + d[i] * (np.float32(1) if _agrees(d[i], positive) else np.float32(0))
-    return mixed
-
-
-@njit(cache=True, nogil=True)
-def _agreeing_weight(d, weights):
-    """The sum of the weights of the agreeing deltas (1 when none agrees)."""
-    positive = _total(d) >= np.float32(0)
-    divisor = np.float32(0)
-    for i in range(d.size):
-        divisor = divisor + (np.float32(1) if _agrees(d[i], positive) else np.float32(0)) * weights[i]
-    return np.float32(1) if divisor == np.float32(0) else divisor
-
-
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def high_histogram(base, models, active, hist):
     """Pass 1 of the cut: ``hist[i, bits(|d_i|) >> 16] += 1`` for the models with ``active[i]``."""
     tmp = np.empty(BLOCK, np.float32)
@@ -138,7 +204,7 @@ def high_histogram(base, models, active, hist):
                 hist[i, bits[k] >> 16] += 1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def low_histogram(base, models, active, bins, hist):
     """Pass 2 of the cut: the low 16 bits of |d_i| whose high 16 bits are ``bins[i]``."""
     tmp = np.empty(BLOCK, np.float32)
@@ -158,22 +224,21 @@ def low_histogram(base, models, active, bins, hist):
                     hist[i, bits[k] & 0xFFFF] += 1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def l1_histograms(base, models, modes, values, left, keys, thresh, start, before, after):
     """Exact L1 norms of each task vector before and after its trim/drop, as sums of float32
     significands per exponent (``before[i, e]``, ``after[i, e]``; int64, exact)."""
     tmp = np.empty(BLOCK, np.float32)
     bits = tmp.view(np.uint32)
-    kept = np.empty(BLOCK, np.bool_)
+    f = np.empty(BLOCK, np.float32)
     n = base.size
     for i in range(len(models)):
         x = models[i]
         for s in range(0, n, BLOCK):
             e = min(s + BLOCK, n)
+            _factors(modes[i], base[s:e], x[s:e], values[i], left, i, keys[i], thresh[i], start + s, f[:e - s])
             for k in range(s, e):
-                dk = x[k] - base[k]
-                kept[k - s] = _keep(modes[i], dk, values[i], left[i:i + 1], keys[i], thresh[i], start + k)
-                tmp[k - s] = abs(dk)
+                tmp[k - s] = abs(x[k] - base[k])
             for k in range(e - s):
                 u = bits[k]
                 ex = u >> 23
@@ -181,7 +246,7 @@ def l1_histograms(base, models, modes, values, left, keys, thresh, start, before
                 if ex > 0:
                     sig += 0x800000
                 before[i, ex] += sig
-                if kept[k]:
+                if f[k] != 0:
                     after[i, ex] += sig
 
 
