@@ -162,8 +162,13 @@ def task_job(plan: MergePlan, name: str, buf: Buffers) -> TensorJob:
     per_model = [{key: resolve(value, name, t, f"merge.models[{i}].{key}") for key, value in settings.items()}
                  for i, settings in zip(roles.indices, roles.per_model)]
     shared = {key: resolve(value, name, t, f"merge.parameters.{key}") for key, value in roles.shared.items()}
+    kinds = {(d, a.dtype) if isinstance(a, np.ndarray) else None for d, a in zip(dtypes, arrays)}
+    stored = None  # the fused kernels widen bfloat16 themselves when every input is stored alike
+    if len(kinds) == 1 and kinds.pop() in (("BF16", np.uint16), ("F32", np.float32)):
+        def stored(j: int, start: int, stop: int) -> np.ndarray:
+            return arrays[j][start:stop]
     return TensorJob(name, plan.source.tensors[name].shape, read, len(roles.indices), per_model, shared,
-                     spec.seed, working_dtype(spec))
+                     spec.seed, working_dtype(spec), stored)
 
 
 def working_dtype(spec: Any) -> str | None:

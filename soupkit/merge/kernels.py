@@ -19,7 +19,8 @@ import math
 from collections.abc import Iterator
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from soupkit.merge.methods import Cut, TensorJob, dare_key, dare_threshold, l1_scales
 
@@ -155,22 +156,47 @@ def _finish_all(mixed, divisor, normalize, lam, use_lam, b, o):
             o[k] = mixed[k] + b[k]
 
 
+def _load(src, dst, bits):
+    """Widen one block of stored elements to float32 (``dst``; ``bits`` is its uint32 view)."""
+    raise NotImplementedError  # compiled by numba from the overload below
+
+
+@overload(_load, jit_options={"cache": True, "nogil": True})
+def _load_overload(src, dst, bits):
+    if src.dtype == types.uint16:  # bfloat16: the upper half of a float32 (exact)
+        def widen_bf16(src, dst, bits):
+            for k in range(src.size):
+                bits[k] = np.uint32(src[k]) << np.uint32(16)
+        return widen_bf16
+
+    def copy(src, dst, bits):
+        for k in range(src.size):
+            dst[k] = src[k]
+    return copy
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def gta_chunk(base, models, out, modes, values, left, keys, thresh, start, scales, weights, consensus,
               normalize, divisor_all, lam, use_lam):
     """One output chunk of task_arithmetic / ties / dare_ties into ``out`` (float32), block by block:
     each model's weighted, trimmed task vector, then the sum (with TIES's sign election), the
-    division, lambda and the base, each step an L1-resident loop in ``methods._combine32``'s order."""
+    division, lambda and the base, each step an L1-resident loop in ``methods._combine32``'s order.
+    ``base`` and ``models`` are stored elements (float32, or bfloat16 as uint16)."""
     count = len(models)
     d = np.empty((count, BLOCK), np.float32)
     f = np.empty(BLOCK, np.float32)
     total, mixed, divisor = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
+    base_bits, x_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
+    base_block, x_block = base_bits.view(np.float32), x_bits.view(np.float32)
     for s in range(0, base.size, BLOCK):
         e = min(s + BLOCK, base.size)
         m = e - s
-        b = base[s:e]
+        b = base_block[:m]
+        _load(base[s:e], b, base_bits[:m])
         for i in range(count):
-            _task_vector(modes[i], b, models[i][s:e], values[i], left, i, keys[i], thresh[i], start + s,
+            x = x_block[:m]
+            _load(models[i][s:e], x, x_bits[:m])
+            _task_vector(modes[i], b, x, values[i], left, i, keys[i], thresh[i], start + s,
                          scales[i], weights[i], f[:m], d[i][:m])
         t, d0 = total[:m], d[0][:m]
         for k in range(m):
@@ -187,60 +213,55 @@ def gta_chunk(base, models, out, modes, values, left, keys, thresh, start, scale
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def high_histogram(base, models, active, hist):
-    """Pass 1 of the cut: ``hist[i, bits(|d_i|) >> 16] += 1`` for the models with ``active[i]``."""
-    tmp = np.empty(BLOCK, np.float32)
-    bits = tmp.view(np.uint32)
-    n = base.size
-    for i in range(len(models)):
-        if not active[i]:
-            continue
-        x = models[i]
-        for s in range(0, n, BLOCK):
-            e = min(s + BLOCK, n)
-            for k in range(s, e):
-                tmp[k - s] = abs(x[k] - base[k])
-            for k in range(e - s):
-                hist[i, bits[k] >> 16] += 1
+def _magnitudes(base, x, s, e, base_block, base_bits, x_block, x_bits, mags):
+    """|x - base| over elements [s, e) of stored inputs, as float32 in ``mags``."""
+    m = e - s
+    _load(base[s:e], base_block[:m], base_bits[:m])
+    _load(x[s:e], x_block[:m], x_bits[:m])
+    for k in range(m):
+        mags[k] = abs(x_block[k] - base_block[k])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def low_histogram(base, models, active, bins, hist):
-    """Pass 2 of the cut: the low 16 bits of |d_i| whose high 16 bits are ``bins[i]``."""
-    tmp = np.empty(BLOCK, np.float32)
-    bits = tmp.view(np.uint32)
+def cut_histogram(base, models, active, bins, hist):
+    """The radix select's passes over one chunk: ``bins[i]`` < 0: ``hist[i, bits(|d_i|) >> 16] += 1``
+    (pass 1); else the low 16 bits of the |d_i| whose high 16 bits are ``bins[i]`` (pass 2)."""
+    base_bits, x_bits, mag_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
+    base_block, x_block, mags = base_bits.view(np.float32), x_bits.view(np.float32), mag_bits.view(np.float32)
     n = base.size
     for i in range(len(models)):
         if not active[i]:
             continue
-        x = models[i]
         target = bins[i]
+        h = hist[i]
         for s in range(0, n, BLOCK):
             e = min(s + BLOCK, n)
-            for k in range(s, e):
-                tmp[k - s] = abs(x[k] - base[k])
-            for k in range(e - s):
-                if (bits[k] >> 16) == target:
-                    hist[i, bits[k] & 0xFFFF] += 1
+            _magnitudes(base, models[i], s, e, base_block, base_bits, x_block, x_bits, mags)
+            if target < 0:
+                for k in range(e - s):
+                    h[mag_bits[k] >> 16] += 1
+            else:
+                for k in range(e - s):
+                    if (mag_bits[k] >> 16) == target:
+                        h[mag_bits[k] & 0xFFFF] += 1
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def l1_histograms(base, models, modes, values, left, keys, thresh, start, before, after):
     """Exact L1 norms of each task vector before and after its trim/drop, as sums of float32
     significands per exponent (``before[i, e]``, ``after[i, e]``; int64, exact)."""
-    tmp = np.empty(BLOCK, np.float32)
-    bits = tmp.view(np.uint32)
+    base_bits, x_bits, mag_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
+    base_block, x_block, mags = base_bits.view(np.float32), x_bits.view(np.float32), mag_bits.view(np.float32)
     f = np.empty(BLOCK, np.float32)
     n = base.size
     for i in range(len(models)):
-        x = models[i]
         for s in range(0, n, BLOCK):
             e = min(s + BLOCK, n)
-            _factors(modes[i], base[s:e], x[s:e], values[i], left, i, keys[i], thresh[i], start + s, f[:e - s])
-            for k in range(s, e):
-                tmp[k - s] = abs(x[k] - base[k])
-            for k in range(e - s):
-                u = bits[k]
+            m = e - s
+            _magnitudes(base, models[i], s, e, base_block, base_bits, x_block, x_bits, mags)
+            _factors(modes[i], base_block[:m], x_block[:m], values[i], left, i, keys[i], thresh[i], start + s, f[:m])
+            for k in range(m):
+                u = mag_bits[k]
                 ex = u >> 23
                 sig = np.int64(u & 0x7FFFFF)
                 if ex > 0:
@@ -262,7 +283,10 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 
 
 def _chunk(job: TensorJob, s: int, e: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-    return _frozen(job.read(0, s, e)), tuple(_frozen(job.read(i + 1, s, e)) for i in range(job.count))
+    """Elements [s, e) of the base and the models as stored (bfloat16 bits or float32) when the job
+    can read them so, else widened to float32."""
+    read = job.stored or job.read
+    return _frozen(read(0, s, e)), tuple(_frozen(read(i + 1, s, e)) for i in range(job.count))
 
 
 def radix_cuts(job: TensorJob, densities: list[float]) -> list[Cut | None]:
@@ -282,9 +306,9 @@ def radix_cuts(job: TensorJob, densities: list[float]) -> list[Cut | None]:
         return cuts
     high = np.zeros((job.count, 1 << 16), np.int64)
     for s, e in job.spans():
-        high_histogram(*_chunk(job, s, e), active, high)
+        cut_histogram(*_chunk(job, s, e), active, np.full(job.count, -1, np.int64), high)
     ks = [max(1, int(d * n)) for d in densities]
-    bins, above = np.zeros(job.count, np.uint32), [0] * job.count
+    bins, above = np.zeros(job.count, np.int64), [0] * job.count
     for i in np.flatnonzero(active):
         top = np.cumsum(high[i, ::-1])  # elements in this bin or above, from the top bin down
         j = int(np.searchsorted(top, ks[i]))
@@ -292,7 +316,7 @@ def radix_cuts(job: TensorJob, densities: list[float]) -> list[Cut | None]:
         above[i] = int(top[j] - high[i, bins[i]])
     low = np.zeros((job.count, 1 << 16), np.int64)
     for s, e in job.spans():
-        low_histogram(*_chunk(job, s, e), active, bins, low)
+        cut_histogram(*_chunk(job, s, e), active, bins, low)
     for i in np.flatnonzero(active):
         top = np.cumsum(low[i, ::-1])
         j = int(np.searchsorted(top, ks[i] - above[i]))

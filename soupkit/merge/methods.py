@@ -96,6 +96,9 @@ class TensorJob:
     seed: int
     work: str | None = None
     """A mergekit YAML's ``dtype`` (F16, BF16): the task-arithmetic family computes in it, as mergekit does."""
+    stored: Read | None = None
+    """``read`` without the widening, where every input is stored alike as float32 or as bfloat16
+    (uint16 bits): the fused kernels widen inside their loop. None: they use ``read``."""
 
     @property
     def size(self) -> int:
@@ -112,8 +115,9 @@ def arrays_job(base: np.ndarray, models: list[np.ndarray], shape: tuple[int, ...
                name: str = "w", seed: int = 0, work: str | None = None) -> TensorJob:
     """A job over in-memory float32 arrays (for the library's callers and tests)."""
     inputs = [np.asarray(base, np.float32).reshape(-1)] + [np.asarray(m, np.float32).reshape(-1) for m in models]
-    return TensorJob(name, shape or (inputs[0].size,), lambda j, s, e: inputs[j][s:e], len(models),
-                     per_model or [{}] * len(models), shared or {}, seed, work)
+    read = lambda j, s, e: inputs[j][s:e]  # noqa: E731
+    return TensorJob(name, shape or (inputs[0].size,), read, len(models), per_model or [{}] * len(models),
+                     shared or {}, seed, work, read)
 
 
 def merge_stream(method: str, job: TensorJob) -> Iterator[np.ndarray]:

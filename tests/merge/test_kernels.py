@@ -197,3 +197,18 @@ def test_l1_norm_is_the_exactly_rounded_sum():
         mags = np.abs(values.astype(np.float32))
         assert methods.l1_norm(methods.l1_histogram(mags)) == math.fsum(mags.astype(float))
     assert math.isnan(methods.l1_norm(methods.l1_histogram(np.array([np.inf, 1.0], np.float32))))
+
+
+@pytest.mark.parametrize("method", list(SETTINGS))
+def test_fused_reads_bfloat16_as_stored(monkeypatch, method):
+    """Inputs stored as bfloat16 (uint16 bits): the kernels widen them in their loop and give the bits
+    of the numpy reference on the widened float32 inputs."""
+    rng = np.random.default_rng(8)
+    monkeypatch.setattr(methods, "CHUNK", 1000)
+    stored = [(rng.standard_normal(2501).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16) for _ in range(3)]
+    widened = [(s.astype(np.uint32) << 16).view(np.float32) for s in stored]
+    for per_model, shared in SETTINGS[method]:
+        job = methods.arrays_job(widened[0], widened[1:], per_model=[per_model] * 2, shared=shared, name="w")
+        job.stored = lambda j, s, e: stored[j][s:e]
+        fused, reference = fused_and_reference(method, job, monkeypatch)
+        assert same_bits(fused, reference), shared
