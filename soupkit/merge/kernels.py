@@ -253,8 +253,10 @@ def l1_histograms(base, models, modes, values, left, keys, thresh, start, before
     base_bits, x_bits, mag_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
     base_block, x_block, mags = base_bits.view(np.float32), x_bits.view(np.float32), mag_bits.view(np.float32)
     f = np.empty(BLOCK, np.float32)
+    lanes = np.zeros((4, 2, 256), np.int64)  # 4 interleaved copies: no chain of adds to one counter
     n = base.size
     for i in range(len(models)):
+        lanes[:] = 0
         for s in range(0, n, BLOCK):
             e = min(s + BLOCK, n)
             m = e - s
@@ -263,12 +265,13 @@ def l1_histograms(base, models, modes, values, left, keys, thresh, start, before
             for k in range(m):
                 u = mag_bits[k]
                 ex = u >> 23
-                sig = np.int64(u & 0x7FFFFF)
-                if ex > 0:
-                    sig += 0x800000
-                before[i, ex] += sig
-                if f[k] != 0:
-                    after[i, ex] += sig
+                sig = np.int64(u & 0x7FFFFF) + (np.int64(0x800000) if ex > 0 else np.int64(0))
+                lanes[k & 3, 0, ex] += sig
+                lanes[k & 3, 1, ex] += sig * np.int64(f[k] != 0)
+        for lane in range(4):
+            for ex in range(256):
+                before[i, ex] += lanes[lane, 0, ex]
+                after[i, ex] += lanes[lane, 1, ex]
 
 
 # ---------------------------------------------------------------------------------------------
