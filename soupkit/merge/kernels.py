@@ -22,7 +22,16 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from soupkit.merge.methods import Cut, TensorJob, dare_key, dare_threshold, l1_scales
+from soupkit.merge.methods import (
+    Cut,
+    TensorJob,
+    dare_key,
+    dare_threshold,
+    l1_scales,
+    slerp_family_coefficients,
+    stock_pairs,
+    stock_t,
+)
 
 BLOCK = 4096
 """Elements per inner block of the statistics kernels (their scratch stays in the L1 cache)."""
@@ -274,6 +283,110 @@ def l1_histograms(base, models, modes, values, left, keys, thresh, start, before
                 after[i, ex] += lanes[lane, 1, ex]
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def _vectors(base, models, delta, s, e, base_block, base_bits, x_block, x_bits, vectors):
+    """Elements [s, e) of the vectors of ``dots_chunk`` as float64 rows of ``vectors``."""
+    m = e - s
+    b = base_block[:m]
+    _load(base[s:e], b, base_bits[:m])
+    if not delta:
+        v = vectors[0][:m]
+        for k in range(m):
+            v[k] = b[k]
+    for i in range(len(models)):
+        x = x_block[:m]
+        _load(models[i][s:e], x, x_bits[:m])
+        v = vectors[i if delta else i + 1][:m]
+        if delta:
+            for k in range(m):
+                v[k] = x[k] - b[k]
+        else:
+            for k in range(m):
+                v[k] = x[k]
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def dots_chunk(base, models, delta, width, pairs, dots):
+    """``dots[r, p]`` += the float64 dot product over row r (``width`` elements) of the vectors
+    ``pairs[p]``: the task vectors x_i - base (``delta``) or (base, x_1, ...). Each product of two
+    float32 is exact in float64; the sums are reassociated (vectorised), so they differ from numpy's
+    in the last bits."""
+    count = len(models) if delta else len(models) + 1
+    vectors = np.empty((count, BLOCK), np.float64)
+    base_bits, x_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
+    base_block, x_block = base_bits.view(np.float32), x_bits.view(np.float32)
+    for r in range(base.size // width):
+        for s in range(r * width, (r + 1) * width, BLOCK):
+            e = min(s + BLOCK, (r + 1) * width)
+            m = e - s
+            _vectors(base, models, delta, s, e, base_block, base_bits, x_block, x_bits, vectors)
+            for p in range(pairs.shape[0]):
+                va, vb = vectors[pairs[p, 0]][:m], vectors[pairs[p, 1]][:m]
+                acc = 0.0
+                for k in range(m):
+                    acc += va[k] * vb[k]
+                dots[r, p] += acc
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def slerp_chunk(base, models, coefficients, offset, out):
+    """slerp (``offset`` False): c_0 base + c_1 x_1; task_slerp: base + sum_i c_i (x_i - base), summed
+    left to right in float32 as ``methods._slerp_numpy``."""
+    base_bits, x_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
+    base_block, x_block = base_bits.view(np.float32), x_bits.view(np.float32)
+    acc = np.empty(BLOCK, np.float32)
+    for s in range(0, base.size, BLOCK):
+        e = min(s + BLOCK, base.size)
+        m = e - s
+        b, x, o = base_block[:m], x_block[:m], out[s:e]
+        _load(base[s:e], b, base_bits[:m])
+        if not offset:
+            _load(models[0][s:e], x, x_bits[:m])
+            c0, c1 = coefficients[0], coefficients[1]
+            for k in range(m):
+                o[k] = c0 * b[k] + c1 * x[k]
+            continue
+        for i in range(len(models)):
+            _load(models[i][s:e], x, x_bits[:m])
+            c = coefficients[i]
+            if i == 0:
+                for k in range(m):
+                    acc[k] = c * (x[k] - b[k])
+            else:
+                for k in range(m):
+                    acc[k] = acc[k] + c * (x[k] - b[k])
+        for k in range(m):
+            o[k] = b[k] + acc[k]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def stock_chunk(base, models, t, width, out):
+    """Model Stock: t_r * mean(x_i) + (1 - t_r) * base, row r (``width`` elements) at ``t[r]``."""
+    base_bits, x_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
+    base_block, x_block = base_bits.view(np.float32), x_bits.view(np.float32)
+    acc = np.empty(BLOCK, np.float32)
+    count = np.float32(len(models))
+    for r in range(base.size // width):
+        tt = t[r]
+        rest = np.float32(1) - tt
+        for s in range(r * width, (r + 1) * width, BLOCK):
+            e = min(s + BLOCK, (r + 1) * width)
+            m = e - s
+            b, x, a = base_block[:m], x_block[:m], acc[:m]
+            _load(base[s:e], b, base_bits[:m])
+            for i in range(len(models)):
+                _load(models[i][s:e], x, x_bits[:m])
+                if i == 0:
+                    for k in range(m):
+                        a[k] = x[k]
+                else:
+                    for k in range(m):
+                        a[k] = a[k] + x[k]
+            o = out[s:e]
+            for k in range(m):
+                o[k] = tt * (a[k] / count) + rest * b[k]
+
+
 # ---------------------------------------------------------------------------------------------
 # drivers: the statistics, then the output chunk by chunk
 
@@ -374,4 +487,47 @@ def gta_fused(method: str, job: TensorJob) -> Iterator[np.ndarray]:
         base, models = _chunk(job, s, e)
         gta_chunk(base, models, out[: e - s], modes, values, left, keys, thresh, s, scales, weights,
                   method != "task_arithmetic", bool(job.shared["normalize"]), divisor, np.float32(lam), lam != 1)
+        yield out[: e - s]
+
+
+def _dots(job: TensorJob, delta: bool, count: int, rows: int, width: int, step: int | None = None) -> np.ndarray:
+    """float64 dot products per row of every pair (a <= b) of ``count`` vectors (``dots_chunk``)."""
+    pairs = np.array(stock_pairs(count), np.int64).reshape(-1, 2)
+    dots = np.zeros((rows, len(pairs)))
+    for s, e in job.spans(step):
+        part = np.zeros((max(1, (e - s) // width) if rows > 1 else 1, len(pairs)))
+        dots_chunk(*_chunk(job, s, e), delta, width if rows > 1 else e - s, pairs, part)
+        first = s // width if rows > 1 else 0
+        dots[first: first + len(part)] += part
+    return dots
+
+
+def slerp_fused(method: str, job: TensorJob) -> Iterator[np.ndarray]:
+    """slerp / task_slerp: the Gram matrix in one fused pass, then the output in another."""
+    delta = method == "task_slerp"
+    count = job.count if delta else 2
+    g = np.zeros((count, count))
+    for (a, b), value in zip(stock_pairs(count), _dots(job, delta, count, 1, 1)[0]):
+        g[a, b] = g[b, a] = value
+    coefficients, offset = slerp_family_coefficients(method, job, g)
+    c32 = np.array([np.float32(c) for c in coefficients], np.float32)
+    out = np.empty(0, np.float32)
+    for s, e in job.spans():
+        if out.size < e - s:
+            out = np.empty(e - s, np.float32)
+        slerp_chunk(*_chunk(job, s, e), c32, offset, out[: e - s])
+        yield out[: e - s]
+
+
+def stock_fused(job: TensorJob, rows: int, width: int, step: int) -> Iterator[np.ndarray]:
+    """Model Stock: the task vectors' dot products (per row with ``filter_wise``) in one fused pass,
+    then the output in another."""
+    dots = _dots(job, True, job.count, rows, width, step)
+    t = stock_t({p: dots[:, j] for j, p in enumerate(stock_pairs(job.count))}, job.count)
+    out = np.empty(0, np.float32)
+    for s, e in job.spans(step):
+        if out.size < e - s:
+            out = np.empty(e - s, np.float32)
+        trow = t[s // width: e // width] if rows > 1 else t[:1]
+        stock_chunk(*_chunk(job, s, e), trow, width if rows > 1 else e - s, out[: e - s])
         yield out[: e - s]

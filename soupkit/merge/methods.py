@@ -425,12 +425,27 @@ def task_slerp_coefficients(g: np.ndarray, t: float) -> list[float]:
 
 def _slerp_family(method: str, job: TensorJob) -> Iterator[np.ndarray]:
     """slerp: base and model at ``t``; task_slerp: the init plus a SLERP of the task vectors."""
+    if jit_enabled():
+        from soupkit.merge.kernels import slerp_fused
+
+        return slerp_fused(method, job)
+    return _slerp_numpy(method, job)
+
+
+def slerp_family_coefficients(method: str, job: TensorJob, g: np.ndarray) -> tuple[list[float], bool]:
+    """The float64 coefficients of the vectors (slerp: base and model; task_slerp: the task vectors)
+    from their Gram matrix, and whether the base is added (task_slerp)."""
+    if method == "slerp":
+        return list(slerp_coefficients(job.shared["t"], g)), False
+    return task_slerp_coefficients(g, job.shared["t"]), True
+
+
+def _slerp_numpy(method: str, job: TensorJob) -> Iterator[np.ndarray]:
     if method == "slerp":
         g = gram(job, lambda s, e: [job.read(0, s, e), job.read(1, s, e)], 2)
-        coefficients, offset = list(slerp_coefficients(job.shared["t"], g)), False
     else:
         g = gram(job, lambda s, e: _deltas(job, s, e), job.count)
-        coefficients, offset = task_slerp_coefficients(g, job.shared["t"]), True
+    coefficients, offset = slerp_family_coefficients(method, job, g)
     c32 = [np.float32(c) for c in coefficients]
     for s, e in job.spans():
         vectors = _deltas(job, s, e) if offset else [job.read(0, s, e), job.read(1, s, e)]
@@ -451,9 +466,12 @@ def _model_stock(job: TensorJob) -> Iterator[np.ndarray]:
     mean pairwise cosine of the task vectors over the tensor (per row with ``filter_wise``)."""
     if job.size == 0:
         return
-    rows = job.shape[0] if job.shared["filter_wise"] and len(job.shape) > 1 else 1
-    width = job.size // rows
-    step = max(1, CHUNK // width) * width if rows > 1 else CHUNK  # whole rows per chunk
+    rows, width, step = stock_rows(job)
+    if jit_enabled():
+        from soupkit.merge.kernels import stock_fused
+
+        yield from stock_fused(job, rows, width, step)
+        return
     t = _stock_t(job, rows, width, step)
     count = np.float32(job.count)
     for s, e in job.spans(step):
@@ -463,20 +481,37 @@ def _model_stock(job: TensorJob) -> Iterator[np.ndarray]:
         yield tt * average + (np.float32(1) - tt) * base
 
 
+def stock_rows(job: TensorJob) -> tuple[int, int, int]:
+    """Model Stock's rows (1 unless ``filter_wise``), their width, and the chunk step (whole rows)."""
+    rows = job.shape[0] if job.shared["filter_wise"] and len(job.shape) > 1 else 1
+    width = job.size // rows
+    return rows, width, max(1, CHUNK // width) * width if rows > 1 else CHUNK
+
+
+def stock_pairs(count: int) -> list[tuple[int, int]]:
+    return [(a, b) for a in range(count) for b in range(a, count)]
+
+
 def _stock_t(job: TensorJob, rows: int, width: int, step: int) -> np.ndarray:
     """float32 t per row (one row: the whole tensor)."""
-    pairs = [(a, b) for a in range(job.count) for b in range(a, job.count)]
+    pairs = stock_pairs(job.count)
     dots = {p: np.zeros(rows) for p in pairs}
     for s, e in job.spans(step):
         deltas = [d.astype(np.float64).reshape(-1, width if rows > 1 else e - s) for d in _deltas(job, s, e)]
         for a, b in pairs:
             dots[a, b][s // width: e // width if rows > 1 else 1] += (deltas[a] * deltas[b]).sum(axis=-1)
-    norms = [np.sqrt(dots[i, i]) for i in range(job.count)]
+    return stock_t(dots, job.count)
+
+
+def stock_t(dots: dict[tuple[int, int], np.ndarray], count: int) -> np.ndarray:
+    """float32 t per row from the float64 dot products of the task vectors (``stock_pairs``)."""
+    pairs = stock_pairs(count)
+    norms = [np.sqrt(dots[i, i]) for i in range(count)]
     cosines = [np.clip(dots[a, b] / np.maximum(norms[a] * norms[b], 1e-6), -1, 1) for a, b in pairs if a < b]
     cos = np.mean(cosines, axis=0)
-    denominator = 1 + (job.count - 1) * cos
+    denominator = 1 + (count - 1) * cos
     singular = np.abs(denominator) < 1e-6
-    return np.where(singular, 0.0, job.count * cos / np.where(singular, 1.0, denominator)).astype(np.float32)
+    return np.where(singular, 0.0, count * cos / np.where(singular, 1.0, denominator)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

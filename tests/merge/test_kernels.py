@@ -212,3 +212,61 @@ def test_fused_reads_bfloat16_as_stored(monkeypatch, method):
         job.stored = lambda j, s, e: stored[j][s:e]
         fused, reference = fused_and_reference(method, job, monkeypatch)
         assert same_bits(fused, reference), shared
+
+
+# ---------------------------------------------------------------------------------------------
+# slerp, task_slerp, model_stock: the statistics are float64 sums in another order (a few ulps of
+# float64 apart); given numpy's statistics, the fused output pass gives numpy's bits
+
+
+def numpy_dots(job: methods.TensorJob, delta: bool, count: int, rows: int, width: int, step=None) -> np.ndarray:
+    """The reference's dot products, in ``kernels._dots``'s layout (rows x pairs)."""
+    pairs = methods.stock_pairs(count)
+    dots = np.zeros((rows, len(pairs)))
+    for s, e in job.spans(step):
+        vectors = methods._deltas(job, s, e) if delta else [job.read(0, s, e), job.read(1, s, e)]
+        vectors = [v.astype(np.float64).reshape(-1, width if rows > 1 else e - s) for v in vectors]
+        rows_here = slice(s // width, e // width) if rows > 1 else slice(0, 1)
+        for j, (a, b) in enumerate(pairs):
+            dots[rows_here, j] += (vectors[a] * vectors[b]).sum(axis=-1)
+    return dots
+
+
+CASES = [("slerp", 1, {"t": 0.3}, (4099,)), ("task_slerp", 2, {"t": 0.7}, (4099,)), ("task_slerp", 3, {"t": 0.5}, (501,)),
+         ("model_stock", 2, {"filter_wise": False}, (4099,)), ("model_stock", 3, {"filter_wise": True}, (37, 29))]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_fused_slerp_and_stock(monkeypatch, case):
+    method, count, shared, shape = CASES[case]
+    rng = np.random.default_rng(case)
+    monkeypatch.setattr(methods, "CHUNK", 1000)
+    n = math.prod(shape)
+    base = rng.standard_normal(n).astype(np.float32)
+    models = [base + (0.1 * rng.standard_normal(n)).astype(np.float32) for _ in range(count)]
+    if method == "task_slerp" and count == 3:
+        models[2] = models[0].copy()  # parallel task vectors: the linear fallback
+    job = methods.arrays_job(base, models, shape=shape, shared=shared)
+    rows = shape[0] if len(shape) > 1 and shared.get("filter_wise") else 1
+    width = n // rows
+    step = max(1, 1000 // width) * width if rows > 1 else None
+    delta, vectors = method != "slerp", (count if method != "slerp" else 2)
+    fused_dots = kernels._dots(job, delta, vectors, rows, width, step)
+    exact = numpy_dots(job, delta, vectors, rows, width, step)
+    np.testing.assert_allclose(fused_dots, exact, rtol=1e-12)
+    fused, reference = fused_and_reference(method, job, monkeypatch)
+    np.testing.assert_allclose(fused, reference, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(reference).max())
+    monkeypatch.setattr(kernels, "_dots", numpy_dots)
+    fused, reference = fused_and_reference(method, job, monkeypatch)
+    assert same_bits(fused, reference)
+
+
+def test_dots_are_float64_sums_of_exact_products():
+    """math.fsum of the exact float64 products, against the kernel's reassociated sum."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(9001).astype(np.float32)
+    x = (base + rng.standard_normal(9001)).astype(np.float32)
+    job = methods.arrays_job(base, [x])
+    dots = kernels._dots(job, True, 1, 1, 1)
+    d = (x - base).astype(np.float64)
+    assert dots[0, 0] == pytest.approx(math.fsum(d * d), rel=1e-13)
