@@ -270,3 +270,22 @@ def test_dots_are_float64_sums_of_exact_products():
     dots = kernels._dots(job, True, 1, 1, 1)
     d = (x - base).astype(np.float64)
     assert dots[0, 0] == pytest.approx(math.fsum(d * d), rel=1e-13)
+
+
+def test_numba_is_imported_only_by_the_task_vector_methods(tmp_path):
+    """The uniform soup's path never pays numba's import (~0.35 s); task_arithmetic does."""
+    import subprocess
+    import sys
+
+    from tests.conftest import make_model
+
+    a, b = make_model(tmp_path / "a", seed=1), make_model(tmp_path / "b", seed=2)
+    code = ("import sys; from soupkit import run_merge; "
+            "run_merge({{'merge': {{'method': {method!r}, 'output': {out!r}, {models}}}}}); "
+            "print('numba' in sys.modules)")
+    uniform = code.format(method="uniform", out=str(tmp_path / "u"), models=f"'models': [{str(a)!r}, {str(b)!r}]")
+    task = code.format(method="task_arithmetic", out=str(tmp_path / "t"),
+                       models=f"'base': {str(a)!r}, 'models': [{{'model': {str(b)!r}, 'weight': 1.0}}]")
+    runs = [subprocess.run([sys.executable, "-c", c], check=True, capture_output=True, text=True).stdout.split()[-1]
+            for c in (uniform, task)]
+    assert runs == ["False", "True"]
