@@ -23,6 +23,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from soupkit.merge.methods import (
+    L1_BINS,
     Cut,
     TensorJob,
     dare_key,
@@ -257,30 +258,55 @@ def cut_histogram(base, models, active, bins, hist):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def l1_histograms(base, models, modes, values, left, keys, thresh, start, before, after):
-    """Exact L1 norms of each task vector before and after its trim/drop, as sums of float32
-    significands per exponent (``before[i, e]``, ``after[i, e]``; int64, exact)."""
+    """Exact L1 norms of each task vector before and after its trim/drop, as ``methods.L1_BINS``
+    histograms (``before[i]``, ``after[i]``; int64; ``methods.l1_norm`` reads them)."""
     base_bits, x_bits, mag_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
     base_block, x_block, mags = base_bits.view(np.float32), x_bits.view(np.float32), mag_bits.view(np.float32)
     f = np.empty(BLOCK, np.float32)
-    lanes = np.zeros((4, 2, 256), np.int64)  # 4 interleaved copies: no chain of adds to one counter
     n = base.size
     for i in range(len(models)):
-        lanes[:] = 0
         for s in range(0, n, BLOCK):
             e = min(s + BLOCK, n)
             m = e - s
             _magnitudes(base, models[i], s, e, base_block, base_bits, x_block, x_bits, mags)
             _factors(modes[i], base_block[:m], x_block[:m], values[i], left, i, keys[i], thresh[i], start + s, f[:m])
-            for k in range(m):
-                u = mag_bits[k]
-                ex = u >> 23
-                sig = np.int64(u & 0x7FFFFF) + (np.int64(0x800000) if ex > 0 else np.int64(0))
-                lanes[k & 3, 0, ex] += sig
-                lanes[k & 3, 1, ex] += sig * np.int64(f[k] != 0)
-        for lane in range(4):
-            for ex in range(256):
-                before[i, ex] += lanes[lane, 0, ex]
-                after[i, ex] += lanes[lane, 1, ex]
+            _l1_block(mag_bits[:m], f[:m], before[i], after[i])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _l1_block(bits, f, before, after):
+    """Add one block of magnitudes (float32 bits), all and those with ``f`` = 1, to the histograms.
+    Where the block's nonzero exponents span at most 26 (the usual case), each significand is shifted
+    onto the lowest one and summed in int64 (at most 2^50 each, 2^62 for 4096: exact), in a loop that
+    vectorises; else one bin per element."""
+    lo, hi = 255, 0
+    for k in range(bits.size):
+        ex = np.int64(bits[k] >> 23)
+        lo = min(lo, max(ex, 1) if bits[k] != 0 else 255)
+        hi = max(hi, ex)
+    if hi < 255 and hi - lo <= 26:
+        total, kept = np.int64(0), np.int64(0)
+        for k in range(bits.size):
+            ex = np.int64(bits[k] >> 23)
+            sig = np.int64(bits[k] & 0x7FFFFF) | (np.int64(0x800000) if ex > 0 else np.int64(0))
+            shifted = sig << max(max(ex, 1) - lo, 0)
+            total += shifted
+            kept += shifted * np.int64(f[k] != 0)
+        low = (np.int64(1) << 26) - 1
+        before[lo] += total & low
+        before[lo + 26] += total >> 26
+        after[lo] += kept & low
+        after[lo + 26] += kept >> 26
+        return
+    for k in range(bits.size):
+        ex = np.int64(bits[k] >> 23)
+        if ex == 255:
+            before[before.size - 1] += 1
+            after[after.size - 1] += np.int64(f[k] != 0)
+            continue
+        sig = np.int64(bits[k] & 0x7FFFFF) | (np.int64(0x800000) if ex > 0 else np.int64(0))
+        before[max(ex, 1)] += sig
+        after[max(ex, 1)] += sig * np.int64(f[k] != 0)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -461,7 +487,7 @@ def _masks(method: str, job: TensorJob, densities: list[float]) -> tuple[np.ndar
 def _rescales(job: TensorJob, modes: np.ndarray, values: np.ndarray, left: np.ndarray, keys: np.ndarray,
               thresh: np.ndarray) -> np.ndarray:
     """``rescale``: float32 L1 before / after per model, from exact histograms (``methods.l1_scales``)."""
-    before, after = np.zeros((job.count, 256), np.int64), np.zeros((job.count, 256), np.int64)
+    before, after = np.zeros((job.count, L1_BINS), np.int64), np.zeros((job.count, L1_BINS), np.int64)
     counting = left.copy()
     for s, e in job.spans():
         l1_histograms(*_chunk(job, s, e), modes, values, counting, keys, thresh, s, before, after)

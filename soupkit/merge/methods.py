@@ -283,8 +283,8 @@ def _keep(method: str, job: TensorJob, i: int, s: int, e: int, delta: np.ndarray
 def _l1_scales(method: str, job: TensorJob, cuts: list[Cut | None], densities: list[float]) -> list[float]:
     """``rescale``: each trimmed task vector is scaled back to its L1 norm (unless either norm is ~0)."""
     r = rounder(job.work)
-    before = [np.zeros(256, np.int64) for _ in range(job.count)]
-    after = [np.zeros(256, np.int64) for _ in range(job.count)]
+    before = [np.zeros(L1_BINS, np.int64) for _ in range(job.count)]
+    after = [np.zeros(L1_BINS, np.int64) for _ in range(job.count)]
     left = [cut.ties if cut else 0 for cut in cuts]
     for s, e in job.spans():
         base = r(job.read(0, s, e))
@@ -297,21 +297,29 @@ def _l1_scales(method: str, job: TensorJob, cuts: list[Cut | None], densities: l
     return l1_scales(before, after)
 
 
+L1_BINS = 512
+"""An exact L1 norm's histogram: bin e (1 <= e < 511) holds integers weighing 2^(e - 150) each (a
+float32's significand sits in bin max(exponent, 1)); bin 511 counts infinities and NaNs."""
+
+
 def l1_histogram(magnitude: np.ndarray) -> np.ndarray:
-    """Sums of the float32 significands of ``magnitude`` (>= 0) per exponent: int64[256], exact (each
-    float32 is significand * 2^(exponent - 150), so ``l1_norm`` recovers the exact sum)."""
+    """The exact sum of ``magnitude`` (float32, >= 0) as an ``L1_BINS`` histogram (int64)."""
     bits = np.ascontiguousarray(magnitude, dtype=np.float32).view(np.uint32)
     exponent = bits >> 23
+    finite = exponent < 255
     significand = (bits & 0x7FFFFF) | np.where(exponent > 0, np.uint32(0x800000), np.uint32(0))
     # float64 weights are exact: at most CHUNK * 2^24 = 2^44 < 2^53 per bin and chunk
-    return np.bincount(exponent, weights=significand, minlength=256).astype(np.int64)
+    out = np.bincount(np.maximum(exponent, 1)[finite], weights=significand[finite], minlength=L1_BINS)
+    out = out.astype(np.int64)
+    out[L1_BINS - 1] = np.count_nonzero(~finite)
+    return out
 
 
 def l1_norm(histogram: np.ndarray) -> float:
     """The exact sum behind an ``l1_histogram``, rounded once to float64 (NaN if any |d| is inf/NaN)."""
-    if histogram[255]:
+    if histogram[L1_BINS - 1]:
         return math.nan
-    total = sum(int(h) << max(e, 1) for e, h in enumerate(histogram.tolist()) if h)
+    total = sum(int(h) << e for e, h in enumerate(histogram[:L1_BINS - 1].tolist()) if h)
     return total / (1 << 150)
 
 

@@ -289,3 +289,26 @@ def test_numba_is_imported_only_by_the_task_vector_methods(tmp_path):
     runs = [subprocess.run([sys.executable, "-c", c], check=True, capture_output=True, text=True).stdout.split()[-1]
             for c in (uniform, task)]
     assert runs == ["False", "True"]
+
+
+@pytest.mark.parametrize("spread", [0, 3, 40])
+def test_kernel_l1_histograms_are_exact(spread):
+    """The kernel's L1 sums (one int64 sum per block where the exponents span <= 26, a bin per element
+    elsewhere) are math.fsum's, before and after DARE's drop; an infinity makes them NaN."""
+    rng = np.random.default_rng(spread)
+    n = 3 * kernels.BLOCK + 5
+    base = np.zeros(n, np.float32)
+    x = (rng.standard_normal(n) * 2.0 ** rng.integers(-spread, 1, n)).astype(np.float32)
+    x[::7] = 0
+    x[5] = 1e-45 if spread else x[5]  # a denormal
+    before, after = np.zeros((1, methods.L1_BINS), np.int64), np.zeros((1, methods.L1_BINS), np.int64)
+    key, thresh = methods.dare_key(1, "w", 0), methods.dare_threshold(0.3)
+    kernels.l1_histograms(base, (x,), np.array([kernels.DROP]), np.zeros(1, np.float32), np.zeros(1, np.int64),
+                          np.array([key], np.uint64), np.array([thresh], np.uint64), 0, before, after)
+    keep = methods.dare_mask(1, "w", 0, 0, n, 0.3)
+    assert methods.l1_norm(before[0]) == math.fsum(np.abs(x).astype(float))
+    assert methods.l1_norm(after[0]) == math.fsum(np.abs(x[keep]).astype(float))
+    x[100] = np.inf
+    kernels.l1_histograms(base, (x,), np.array([kernels.KEEP_ALL]), np.zeros(1, np.float32), np.zeros(1, np.int64),
+                          np.zeros(1, np.uint64), np.zeros(1, np.uint64), 0, before, after)
+    assert math.isnan(methods.l1_norm(before[0]))
