@@ -235,25 +235,42 @@ def _magnitudes(base, x, s, e, base_block, base_bits, x_block, x_bits, mags):
 @njit(cache=True, nogil=True, error_model="numpy")
 def cut_histogram(base, models, active, bins, hist):
     """The radix select's passes over one chunk: ``bins[i]`` < 0: ``hist[i, bits(|d_i|) >> 16] += 1``
-    (pass 1); else the low 16 bits of the |d_i| whose high 16 bits are ``bins[i]`` (pass 2)."""
+    (pass 1); else the low 16 bits of the |d_i| whose high 16 bits are ``bins[i]`` (pass 2). Counts
+    go to int32 bins first (half the cache footprint; a chunk holds < 2^31 elements)."""
     base_bits, x_bits, mag_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
     base_block, x_block, mags = base_bits.view(np.float32), x_bits.view(np.float32), mag_bits.view(np.float32)
+    counts = np.zeros((len(models), 1 << 16), np.int32)
     n = base.size
+    for s in range(0, n, BLOCK):
+        e = min(s + BLOCK, n)
+        m = e - s
+        _load(base[s:e], base_block[:m], base_bits[:m])
+        for i in range(len(models)):
+            if not active[i]:
+                continue
+            _load(models[i][s:e], x_block[:m], x_bits[:m])
+            for k in range(m):
+                mags[k] = abs(x_block[k] - base_block[k])
+            _count(mag_bits[:m], bins[i], counts[i])
     for i in range(len(models)):
-        if not active[i]:
-            continue
-        target = bins[i]
-        h = hist[i]
-        for s in range(0, n, BLOCK):
-            e = min(s + BLOCK, n)
-            _magnitudes(base, models[i], s, e, base_block, base_bits, x_block, x_bits, mags)
-            if target < 0:
-                for k in range(e - s):
-                    h[mag_bits[k] >> 16] += 1
-            else:
-                for k in range(e - s):
-                    if (mag_bits[k] >> 16) == target:
-                        h[mag_bits[k] & 0xFFFF] += 1
+        for j in range(1 << 16):
+            hist[i, j] += counts[i, j]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _count(bits, target, counts):
+    """``target`` < 0: count the high 16 bits; else the low 16 bits of those whose high bits are it."""
+    if target < 0:
+        for k in range(bits.size):
+            counts[bits[k] >> 16] += 1
+        return
+    hits = 0
+    for k in range(bits.size):
+        hits += (bits[k] >> 16) == target
+    if hits:
+        for k in range(bits.size):
+            if (bits[k] >> 16) == target:
+                counts[bits[k] & 0xFFFF] += 1
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
