@@ -258,40 +258,6 @@ def cut_histogram(base, models, active, bins, hist):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def cut_first_pass(base, models, active, lo, hi, hist, found, found_n):
-    """The radix select's first pass over one chunk: ``hist[i, bits(|d_i|) >> 16] += 1``, and the bits
-    of every |d_i| whose high 16 bits lie in [lo[i], hi[i]] (the sample's guess of the cut's bin)
-    appended to ``found[i]`` (``found_n[i]`` counts them, past the capacity too)."""
-    base_bits, x_bits, mag_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
-    base_block, x_block, mags = base_bits.view(np.float32), x_bits.view(np.float32), mag_bits.view(np.float32)
-    counts = np.zeros((len(models), 1 << 16), np.int32)
-    capacity = found.shape[1]
-    n = base.size
-    for s in range(0, n, BLOCK):
-        e = min(s + BLOCK, n)
-        m = e - s
-        _load(base[s:e], base_block[:m], base_bits[:m])
-        for i in range(len(models)):
-            if not active[i]:
-                continue
-            _load(models[i][s:e], x_block[:m], x_bits[:m])
-            for k in range(m):
-                mags[k] = abs(x_block[k] - base_block[k])
-            c, low, high, where = counts[i], lo[i], hi[i], found_n[i]
-            for k in range(m):
-                h = mag_bits[k] >> 16
-                c[h] += 1
-                if low <= h <= high:
-                    if where < capacity:
-                        found[i, where] = mag_bits[k]
-                    where += 1
-            found_n[i] = where
-    for i in range(len(models)):
-        for j in range(1 << 16):
-            hist[i, j] += counts[i, j]
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
 def _count(bits, target, counts):
     """``target`` < 0: count the high 16 bits; else the low 16 bits of those whose high bits are it."""
     if target < 0:
@@ -482,46 +448,34 @@ def _chunk(job: TensorJob, s: int, e: int) -> tuple[np.ndarray, tuple[np.ndarray
     return _frozen(read(0, s, e)), tuple(_frozen(read(i + 1, s, e)) for i in range(job.count))
 
 
-SAMPLE_SPANS, SAMPLE_LEN = 32, 2048
-"""The sample that guesses the bin of TIES's cut: 32 spans of 2048 elements spread over the tensor."""
-
-
 def radix_cuts(job: TensorJob, densities: list[float]) -> list[Cut | None]:
     """Every model's TIES cut (``methods.magnitude_cut``'s, the same value and count of equal elements
     kept) by a radix select on the bits of |d| (non-negative float32 bits order like the values): a
-    histogram of the high 16 bits, then of the low 16 bits inside the bin holding the k-th largest.
-    One pass usually does both: a sample guesses a range of bins around the cut and the pass keeps
-    the elements in it; a second pass runs only where the guess missed or the range overflowed."""
+    histogram of the high 16 bits, then of the low 16 bits inside the bin holding the k-th largest."""
     n = job.size
-    cuts: list[Cut | None] = [None if d >= 1 else Cut(math.inf, 0) for d in densities]
-    active = np.array([0 < d < 1 and n > 0 for d in densities], np.bool_)
+    cuts: list[Cut | None] = [None] * job.count
+    active = np.zeros(job.count, np.bool_)
+    for i, density in enumerate(densities):
+        if density < 1:
+            if density <= 0 or n == 0:
+                cuts[i] = Cut(math.inf, 0)
+            else:
+                active[i] = True
     if not active.any():
         return cuts
-    ks = [max(1, int(d * n)) for d in densities]
-    lo, hi = np.zeros(job.count, np.int64), np.full(job.count, -1, np.int64)
-    for i in np.flatnonzero(active):
-        lo[i], hi[i] = _guess_bins(job, i, ks[i])
     high = np.zeros((job.count, 1 << 16), np.int64)
-    found = np.zeros((job.count, n // 16 + SAMPLE_LEN), np.uint32)
-    found_n = np.zeros(job.count, np.int64)
     for s, e in job.spans():
-        cut_first_pass(*_chunk(job, s, e), active, lo, hi, high, found, found_n)
-    bins, above = np.full(job.count, -1, np.int64), [0] * job.count
+        cut_histogram(*_chunk(job, s, e), active, np.full(job.count, -1, np.int64), high)
+    ks = [max(1, int(d * n)) for d in densities]
+    bins, above = np.zeros(job.count, np.int64), [0] * job.count
     for i in np.flatnonzero(active):
         top = np.cumsum(high[i, ::-1])  # elements in this bin or above, from the top bin down
         j = int(np.searchsorted(top, ks[i]))
         bins[i] = (1 << 16) - 1 - j
         above[i] = int(top[j] - high[i, bins[i]])
     low = np.zeros((job.count, 1 << 16), np.int64)
-    missed = active.copy()
-    for i in np.flatnonzero(active):
-        if lo[i] <= bins[i] <= hi[i] and found_n[i] <= found.shape[1]:
-            kept = found[i, : found_n[i]]
-            low[i] = np.bincount(kept[(kept >> 16) == bins[i]] & 0xFFFF, minlength=1 << 16)
-            missed[i] = False
-    if missed.any():
-        for s, e in job.spans():
-            cut_histogram(*_chunk(job, s, e), missed, bins, low)
+    for s, e in job.spans():
+        cut_histogram(*_chunk(job, s, e), active, bins, low)
     for i in np.flatnonzero(active):
         top = np.cumsum(low[i, ::-1])
         j = int(np.searchsorted(top, ks[i] - above[i]))
@@ -529,25 +483,6 @@ def radix_cuts(job: TensorJob, densities: list[float]) -> list[Cut | None]:
         greater = above[i] + int(top[j] - low[i, (1 << 16) - 1 - j])
         cuts[i] = Cut(float(np.array(bits, np.uint32).view(np.float32)), ks[i] - greater)
     return cuts
-
-
-def _guess_bins(job: TensorJob, i: int, k: int) -> tuple[int, int]:
-    """High-16-bit bins likely to hold the k-th largest |d_i|: those of the sample's values ranked
-    k/n +- 5 binomial standard deviations + 0.2% (the whole range when the sample is too small)."""
-    n = job.size
-    if n <= SAMPLE_SPANS * SAMPLE_LEN:
-        spans = [(0, n)]
-    else:
-        starts = np.linspace(0, n - SAMPLE_LEN, SAMPLE_SPANS).astype(np.int64)
-        spans = [(int(s), int(s) + SAMPLE_LEN) for s in starts]
-    sample = np.concatenate([np.abs(job.read(i + 1, s, e) - job.read(0, s, e)) for s, e in spans])
-    bits = np.sort(sample.view(np.uint32))[::-1]  # largest first
-    size, p = bits.size, k / n
-    margin = 5 * math.sqrt(size * p * (1 - p)) + 0.002 * size + 2
-    first, last = int(p * size - margin), int(p * size + margin)
-    high = 0xFFFF if first < 0 else int(bits[first]) >> 16
-    low = 0 if last >= size else int(bits[last]) >> 16
-    return low, high
 
 
 def _masks(method: str, job: TensorJob, densities: list[float]) -> tuple[np.ndarray, ...]:

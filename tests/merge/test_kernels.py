@@ -312,31 +312,3 @@ def test_kernel_l1_histograms_are_exact(spread):
     kernels.l1_histograms(base, (x,), np.array([kernels.KEEP_ALL]), np.zeros(1, np.float32), np.zeros(1, np.int64),
                           np.zeros(1, np.uint64), np.zeros(1, np.uint64), 0, before, after)
     assert math.isnan(methods.l1_norm(before[0]))
-
-
-@pytest.mark.parametrize("miss", ["wrong-guess", "overflow", "small-sample", "none"])
-def test_radix_cut_second_pass(monkeypatch, miss):
-    """Where the sample's guess of the cut's bin misses (or its elements overflow the buffer) a
-    second pass finds the cut: the same as np.partition's either way; with the default sample on
-    these inputs one pass suffices."""
-    rng = np.random.default_rng(6)
-    n = 70_001
-    base = np.zeros(n, np.float32)
-    x = rng.standard_normal(n).astype(np.float32)
-    x[: n // 2] *= 1000  # the first half larger
-    job = methods.arrays_job(base, [x])
-    second = kernels.cut_histogram
-    if miss == "wrong-guess":
-        monkeypatch.setattr(kernels, "_guess_bins", lambda job, i, k: (0, 1))
-    elif miss == "overflow":
-        monkeypatch.setattr(kernels, "_guess_bins", lambda job, i, k: (0, 0xFFFF))  # every element
-    elif miss == "small-sample":
-        monkeypatch.setattr(kernels, "SAMPLE_LEN", 16)
-    else:
-        def second(*_):
-            raise AssertionError("a second pass ran")
-    monkeypatch.setattr(kernels, "cut_histogram", second)
-    for density in (0.3, 0.5, 0.9):
-        cut = kernels.radix_cuts(job, [density])[0]
-        want = methods.magnitude_cut(job, 0, density, np.empty(n, np.float32))
-        assert (cut.value, cut.ties) == (want.value, want.ties)
