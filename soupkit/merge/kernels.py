@@ -150,20 +150,11 @@ def _finish(mixed, divisor, normalize, lam, use_lam, b, o):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _finish_all(mixed, divisor, normalize, lam, use_lam, b, o):
-    """``_finish`` with one divisor for every element (task_arithmetic)."""
-    m = b.size
-    if normalize and use_lam:
-        for k in range(m):
-            o[k] = mixed[k] / divisor * lam + b[k]
-    elif normalize:
-        for k in range(m):
-            o[k] = mixed[k] / divisor + b[k]
-    elif use_lam:
-        for k in range(m):
-            o[k] = mixed[k] * lam + b[k]
-    else:
-        for k in range(m):
-            o[k] = mixed[k] + b[k]
+    """``_finish`` with one divisor for every element (task_arithmetic); ``mixed`` is scratch."""
+    if normalize:
+        for k in range(b.size):
+            mixed[k] = mixed[k] / divisor
+    _finish(mixed, mixed, False, lam, use_lam, b, o)
 
 
 def _load(src, dst, bits):
