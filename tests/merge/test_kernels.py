@@ -312,3 +312,19 @@ def test_kernel_l1_histograms_are_exact(spread):
     kernels.l1_histograms(base, (x,), np.array([kernels.KEEP_ALL]), np.zeros(1, np.float32), np.zeros(1, np.int64),
                           np.zeros(1, np.uint64), np.zeros(1, np.uint64), 0, before, after)
     assert math.isnan(methods.l1_norm(before[0]))
+
+
+def test_narrow_bf16_equals_the_engines_rounding():
+    """Random values, exact halfway cases (ties to even both ways), infinities, NaNs of both signs,
+    denormals and the largest finite values (which round to infinity)."""
+    from soupkit.merge.engine import Buffers, round_bf16
+
+    rng = np.random.default_rng(9)
+    bits = np.concatenate([rng.integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32),
+                           np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x7F800000, 0xFF800000, 0x7FC00001,
+                                     0xFFFFFFFF, 0x00000001, 0x807FFFFF, 0x7F7FFFFF, 0xFF7FFFFF, 0, 0x80000000],
+                                    np.uint32)])
+    values = bits.view(np.float32)
+    got = np.empty(values.size, np.uint16)
+    kernels.narrow_bf16(values, got)
+    assert np.array_equal(got, round_bf16(values, Buffers(values.size)))
