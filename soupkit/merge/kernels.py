@@ -1,16 +1,20 @@
-"""Fused numba kernels for task_arithmetic, ties and dare_ties on float32 work.
+"""Fused numba kernels for the native task-vector methods (float32 work).
 
-One pass per chunk does every elementwise step of a method (the task vectors, TIES's trim or DARE's
-drop, the scales and weights, the sign election, the sums, the division, lambda, the base), in the
-same float32 operations and order as the numpy reference in ``soupkit.merge.methods`` (``_keep`` and
-``_combine32``), so the bits are the same; ``tests/merge/test_kernels.py`` checks it. The statistics
-passes are fused too: TIES's cut is a two-pass radix select on the bits of |d| (a histogram of the
-high 16 bits, then of the low 16 bits inside the chosen bin) instead of a partition of a full copy,
-and the L1 norms behind DARE's rescale are exact exponent/mantissa histograms.
+One pass per chunk does every elementwise step of a method, in blocks of ``BLOCK`` elements whose
+loops vectorise, reading the inputs as stored (bfloat16 bits or float32, widened in the loop): for
+task_arithmetic, ties and dare_ties the task vectors, TIES's trim or DARE's drop, the scales and
+weights, the sign election, the sums, the division, lambda and the base, in the same float32
+operations and order as the numpy reference in ``soupkit.merge.methods`` (``_keep``, ``_combine32``),
+so the bits are the same; for slerp, task_slerp and model_stock the output pass likewise, given the
+same statistics. ``tests/merge/test_kernels.py`` checks both. The statistics passes are fused too:
+TIES's cut is a two-pass radix select on the bits of |d| (a histogram of the high 16 bits, then of
+the low 16 bits inside the chosen bin) instead of a partition of a full copy; DARE's L1 norms are
+exact (``methods.l1_histogram``'s representation); the dot products behind SLERP's angle and Model
+Stock's cosine are float64 sums, reassociated (a few float64 ulps from numpy's).
 
-This module imports numba (~0.35 s), so ``soupkit.merge.methods`` imports it only when a task-vector
-method runs; ``SOUPKIT_JIT=0`` keeps the numpy reference. Kernels compile on first use (cached on
-disk by numba, ``cache=True``).
+This module imports numba (~0.2-0.35 s), so ``soupkit.merge.methods`` imports it only when a
+task-vector method runs; ``SOUPKIT_JIT=0`` keeps the numpy reference. Kernels compile on first use
+and are cached on disk by numba (``cache=True``).
 """
 
 from __future__ import annotations
