@@ -1,5 +1,8 @@
 """Native task-vector merges: per-tensor numpy kernels with mergekit's semantics, and their parameters.
 
+The numpy code here is the reference; the fused numba kernels of ``soupkit.merge.kernels`` run the
+same arithmetic (bit for bit on float32 work) unless ``SOUPKIT_JIT=0``, and are imported only then.
+
 Each method streams one tensor: a first pass over its chunks computes what needs the whole tensor
 (TIES's magnitude cut, DARE's L1 rescale, the Gram matrix behind SLERP's angle and Model Stock's
 cosine), then the merged float32 tensor is produced chunk by chunk, every step elementwise, and the
