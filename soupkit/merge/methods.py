@@ -124,7 +124,7 @@ def arrays_job(base: np.ndarray, models: list[np.ndarray], shape: tuple[int, ...
 
 
 def merge_stream(method: str, job: TensorJob) -> Iterator[np.ndarray]:
-    """The merged tensor, float32, chunk after chunk."""
+    """The merged tensor, float32, chunk after chunk (a chunk may be scratch space the next reuses)."""
     if method in ("task_arithmetic", "ties", "dare_ties"):
         return _gta(method, job)
     if method == "model_stock":
