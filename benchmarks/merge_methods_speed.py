@@ -2,7 +2,9 @@
 
 Three random bfloat16 Llama checkpoints of ~134M parameters (the merge benchmark's pair and a third
 one from the same config): a base and two models. Each method merges them with ``run_merge`` (imports
-done once, outside the timing), on a warm page cache; the runs of the methods alternate. The floor is
+done once, outside the timing), on a warm page cache; the runs of the methods alternate, after one
+untimed warm-up run of each (reported as ``first_s``: it includes loading or compiling the numba
+kernels, which ``SOUPKIT_JIT=0`` turns off). The floor is
 what any merge must do: read the inputs it reads (``cat`` of the files to /dev/null) plus write the
 output's bytes (``dd`` from /dev/zero into a file next to the outputs, flushed to the page cache).
 
@@ -59,27 +61,40 @@ def main() -> None:
     base, x, y = build_llama_pair(work, (0, 1, 2))
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     floors: dict[str, list[float]] = {m: [] for m in METHODS}
+    cpus: dict[str, list[float]] = {m: [] for m in METHODS}  # CPU seconds: less sensitive to other jobs
+    first = {}
+    for method in METHODS:  # warm-up: the first call loads (or compiles) the kernels
+        out = work / f"out-{method}"
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        run_merge({"merge": {"method": method, "output": str(out), **METHODS[method](base, x, y)}})
+        first[method] = round(time.perf_counter() - start, 3)
     for run in range(args.runs):
         for method in METHODS if run % 2 == 0 else reversed(list(METHODS)):
             out = work / f"out-{method}"
             shutil.rmtree(out, ignore_errors=True)
             warm([base, x, y])
             spec = {"method": method, "output": str(out), **METHODS[method](base, x, y)}
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             run_merge({"merge": spec})
             times[method].append(time.perf_counter() - start)
+            cpus[method].append(time.process_time() - cpu)
             size = (out / "model.safetensors").stat().st_size
             floors[method].append(floor(inputs_of(method, base, x, y), size, work))
-    report(times, floors, work)
+    report(times, floors, first, cpus, work)
 
 
-def report(times: dict[str, list[float]], floors: dict[str, list[float]], work: Path) -> None:
+def report(times: dict[str, list[float]], floors: dict[str, list[float]], first: dict[str, float],
+           cpus: dict[str, list[float]], work: Path) -> None:
     median = {m: statistics.median(v) for m, v in times.items()}
     summary = {m: {"median_s": round(median[m], 3), "runs_s": [round(t, 3) for t in times[m]],
                    "floor_s": round(statistics.median(floors[m]), 3),
                    "over_floor": round(median[m] / statistics.median(floors[m]), 2),
-                   "over_uniform": round(median[m] / median["uniform"], 2)} for m in times}
+                   "over_uniform": round(median[m] / median["uniform"], 2), "first_s": first[m],
+                   "cpu_s": round(statistics.median(cpus[m]), 3)} for m in times}
     summary["cpus"] = os.cpu_count()
+    summary["jit"] = os.environ.get("SOUPKIT_JIT", "1") != "0"
+    summary["load_average"] = [round(v, 2) for v in os.getloadavg()]
     (work / "methods.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 

@@ -1,5 +1,8 @@
 """Native task-vector merges: per-tensor numpy kernels with mergekit's semantics, and their parameters.
 
+The numpy code here is the reference; the fused numba kernels of ``soupkit.merge.kernels`` run the
+same arithmetic (bit for bit on float32 work) unless ``SOUPKIT_JIT=0``, and are imported only then.
+
 Each method streams one tensor: a first pass over its chunks computes what needs the whole tensor
 (TIES's magnitude cut, DARE's L1 rescale, the Gram matrix behind SLERP's angle and Model Stock's
 cosine), then the merged float32 tensor is produced chunk by chunk, every step elementwise, and the
@@ -27,6 +30,7 @@ source and its papers; no code is copied), checked against mergekit's output in
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +78,8 @@ METHODS: dict[str, Method] = {
 # output chunk by chunk; every step after the statistics is elementwise, so chunking changes no bit
 
 CHUNK = 1 << 20
+GOLDEN = 0x9E3779B97F4A7C15
+MASK64 = (1 << 64) - 1
 Read = Callable[[int, int, int], np.ndarray]
 """``read(j, start, stop)``: float32 elements [start, stop) of input j (0 = the base, then the models);
 the array may be scratch space reused by the next read of the same input."""
@@ -93,12 +99,16 @@ class TensorJob:
     seed: int
     work: str | None = None
     """A mergekit YAML's ``dtype`` (F16, BF16): the task-arithmetic family computes in it, as mergekit does."""
+    stored: Read | None = None
+    """``read`` without the widening, where every input is stored alike as float32 or as bfloat16
+    (uint16 bits): the fused kernels widen inside their loop. None: they use ``read``."""
 
     @property
     def size(self) -> int:
         return math.prod(self.shape)
 
-    def spans(self, step: int = CHUNK) -> Iterator[tuple[int, int]]:
+    def spans(self, step: int | None = None) -> Iterator[tuple[int, int]]:
+        step = step or CHUNK  # read at call time (the tests shrink it)
         for start in range(0, self.size, step):
             yield start, min(start + step, self.size)
 
@@ -108,12 +118,13 @@ def arrays_job(base: np.ndarray, models: list[np.ndarray], shape: tuple[int, ...
                name: str = "w", seed: int = 0, work: str | None = None) -> TensorJob:
     """A job over in-memory float32 arrays (for the library's callers and tests)."""
     inputs = [np.asarray(base, np.float32).reshape(-1)] + [np.asarray(m, np.float32).reshape(-1) for m in models]
-    return TensorJob(name, shape or (inputs[0].size,), lambda j, s, e: inputs[j][s:e], len(models),
-                     per_model or [{}] * len(models), shared or {}, seed, work)
+    read = lambda j, s, e: inputs[j][s:e]  # noqa: E731
+    return TensorJob(name, shape or (inputs[0].size,), read, len(models), per_model or [{}] * len(models),
+                     shared or {}, seed, work, read)
 
 
 def merge_stream(method: str, job: TensorJob) -> Iterator[np.ndarray]:
-    """The merged tensor, float32, chunk after chunk."""
+    """The merged tensor, float32, chunk after chunk (a chunk may be scratch space the next reuses)."""
     if method in ("task_arithmetic", "ties", "dare_ties"):
         return _gta(method, job)
     if method == "model_stock":
@@ -184,23 +195,61 @@ def magnitude_cut(job: TensorJob, i: int, density: float, scratch: np.ndarray) -
     return Cut(value, k - int(np.count_nonzero(mags[n - k + 1:] > value)))
 
 
+def dare_key(seed: int, name: str, index: int) -> int:
+    """The 64-bit key of DARE's mask of model ``index``'s task vector in tensor ``name``."""
+    key = _mix64((seed + GOLDEN) & MASK64)
+    key = _mix64((key ^ zlib.crc32(name.encode())) & MASK64)
+    return _mix64((key + index * GOLDEN) & MASK64)
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser on a Python int (the kernels' ``_mix``)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def dare_threshold(density: float) -> int:
+    """Element kept when the top 53 bits of its hash are below this: probability ``density`` exactly."""
+    return 0 if density <= 0 else min(1 << 53, int(density * (1 << 53)))
+
+
 def dare_mask(seed: int, name: str, index: int, start: int, stop: int, density: float) -> np.ndarray:
-    """DARE's Bernoulli(density) keep-mask of elements [start, stop) of model ``index``'s task vector,
-    drawn per chunk from a generator keyed by (seed, tensor name, model, chunk): the same whatever the
-    order in which tensors are merged."""
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), index, start // CHUNK])
-    return rng.random(stop - start) < density
+    """DARE's Bernoulli(density) keep-mask of elements [start, stop) of model ``index``'s task vector:
+    element k is kept when splitmix64(key + (k + 1) * golden) >> 11 < density * 2^53, the key hashed
+    from (seed, crc32 of the tensor name, model): counter-based, so the same whatever the chunking and
+    the order in which tensors are merged."""
+    z = np.arange(start + 1, stop + 1, dtype=np.uint64) * np.uint64(GOLDEN) + np.uint64(dare_key(seed, name, index))
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)) < np.uint64(dare_threshold(density))
 
 
 def _gta(method: str, job: TensorJob) -> Iterator[np.ndarray]:
+    if job.work is None and jit_enabled():
+        from soupkit.merge.kernels import gta_fused
+
+        return gta_fused(method, job)
+    return _gta_numpy(method, job)
+
+
+def jit_enabled() -> bool:
+    """The fused numba kernels run unless ``SOUPKIT_JIT=0``."""
+    return os.environ.get("SOUPKIT_JIT", "1") != "0"
+
+
+def _gta_numpy(method: str, job: TensorJob) -> Iterator[np.ndarray]:
+    """The numpy reference of task_arithmetic / ties / dare_ties (one numpy pass per operation)."""
     r = rounder(job.work)
     densities = [float(p["density"]) for p in job.per_model]
     cuts: list[Cut | None] = [None] * job.count
     if method == "ties":
         scratch = np.empty(job.size, np.float32)
         cuts = [magnitude_cut(job, i, d, scratch) for i, d in enumerate(densities)]
-    drawn: dict[tuple[int, int], np.ndarray] = {}
-    scales = _l1_scales(method, job, cuts, densities, drawn) if job.shared["rescale"] else [1.0] * job.count
+    scales = _l1_scales(method, job, cuts, densities) if job.shared["rescale"] else [1.0] * job.count
     weights = [r(np.float32(p["weight"])) for p in job.per_model]
     left = [cut.ties if cut else 0 for cut in cuts]
     for s, e in job.spans():
@@ -208,7 +257,7 @@ def _gta(method: str, job: TensorJob) -> Iterator[np.ndarray]:
         deltas = []
         for i in range(job.count):
             delta = r(r(job.read(i + 1, s, e)) - base)
-            mask = _keep(method, job, i, s, e, delta, cuts[i], left, densities[i], drawn)
+            mask = _keep(method, job, i, s, e, delta, cuts[i], left, densities[i])
             if mask is not None:
                 np.multiply(delta, mask, out=delta)
                 if scales[i] != 1.0:
@@ -219,18 +268,10 @@ def _gta(method: str, job: TensorJob) -> Iterator[np.ndarray]:
 
 
 def _keep(method: str, job: TensorJob, i: int, s: int, e: int, delta: np.ndarray, cut: Cut | None,
-          left: list[int], density: float, drawn: dict[tuple[int, int], np.ndarray],
-          keep_drawn: bool = False) -> np.ndarray | None:
-    """This chunk's keep-mask of model i's task vector (None: keep all); DARE's masks drawn in the
-    rescale pass are kept, bit-packed, in ``drawn`` for the output pass."""
+          left: list[int], density: float) -> np.ndarray | None:
+    """This chunk's keep-mask of model i's task vector (None: keep all)."""
     if method == "dare_ties" and density < 1:
-        packed = drawn.pop((i, s), None)  # drawn by the rescale pass (drawing costs more than merging)
-        if packed is not None:
-            return np.unpackbits(packed, count=e - s).view(bool)
-        mask = dare_mask(job.seed, job.name, i, s, e, density)
-        if keep_drawn:
-            drawn[i, s] = np.packbits(mask)
-        return mask
+        return dare_mask(job.seed, job.name, i, s, e, density)
     if cut is None:
         return None
     mags = np.abs(delta)
@@ -242,22 +283,56 @@ def _keep(method: str, job: TensorJob, i: int, s: int, e: int, delta: np.ndarray
     return keep
 
 
-def _l1_scales(method: str, job: TensorJob, cuts: list[Cut | None], densities: list[float],
-               drawn: dict[tuple[int, int], np.ndarray]) -> list[float]:
+def _l1_scales(method: str, job: TensorJob, cuts: list[Cut | None], densities: list[float]) -> list[float]:
     """``rescale``: each trimmed task vector is scaled back to its L1 norm (unless either norm is ~0)."""
     r = rounder(job.work)
-    before, after = [0.0] * job.count, [0.0] * job.count
+    before = [np.zeros(L1_BINS, np.int64) for _ in range(job.count)]
+    after = [np.zeros(L1_BINS, np.int64) for _ in range(job.count)]
     left = [cut.ties if cut else 0 for cut in cuts]
     for s, e in job.spans():
         base = r(job.read(0, s, e))
         for i in range(job.count):
             delta = r(r(job.read(i + 1, s, e)) - base)
-            mask = _keep(method, job, i, s, e, delta, cuts[i], left, densities[i], drawn, keep_drawn=True)
+            mask = _keep(method, job, i, s, e, delta, cuts[i], left, densities[i])
             magnitude = np.abs(delta)
-            total = float(magnitude.sum(dtype=np.float64))
-            before[i] += total
-            after[i] += total if mask is None else float(np.multiply(magnitude, mask, out=magnitude).sum(dtype=np.float64))
-    return [b / a if b >= 1e-7 and a >= 1e-7 else 1.0 for b, a in zip(before, after)]
+            before[i] += l1_histogram(magnitude)
+            after[i] += l1_histogram(magnitude if mask is None else magnitude[mask])
+    return l1_scales(before, after)
+
+
+L1_BINS = 512
+"""An exact L1 norm's histogram: bin e (1 <= e < 511) holds integers weighing 2^(e - 150) each (a
+float32's significand sits in bin max(exponent, 1)); bin 511 counts infinities and NaNs."""
+
+
+def l1_histogram(magnitude: np.ndarray) -> np.ndarray:
+    """The exact sum of ``magnitude`` (float32, >= 0) as an ``L1_BINS`` histogram (int64)."""
+    bits = np.ascontiguousarray(magnitude, dtype=np.float32).view(np.uint32)
+    exponent = bits >> 23
+    finite = exponent < 255
+    significand = (bits & 0x7FFFFF) | np.where(exponent > 0, np.uint32(0x800000), np.uint32(0))
+    # float64 weights are exact: at most CHUNK * 2^24 = 2^44 < 2^53 per bin and chunk
+    out = np.bincount(np.maximum(exponent, 1)[finite], weights=significand[finite], minlength=L1_BINS)
+    out = out.astype(np.int64)
+    out[L1_BINS - 1] = np.count_nonzero(~finite)
+    return out
+
+
+def l1_norm(histogram: np.ndarray) -> float:
+    """The exact sum behind an ``l1_histogram``, rounded once to float64 (NaN if any |d| is inf/NaN)."""
+    if histogram[L1_BINS - 1]:
+        return math.nan
+    total = sum(int(h) << e for e, h in enumerate(histogram[:L1_BINS - 1].tolist()) if h)
+    return total / (1 << 150)
+
+
+def l1_scales(before: list[np.ndarray], after: list[np.ndarray]) -> list[float]:
+    """Per model: L1 before / L1 after the trim (1 when either is below 1e-7, as mergekit)."""
+    out = []
+    for b_hist, a_hist in zip(before, after):
+        b, a = l1_norm(b_hist), l1_norm(a_hist)
+        out.append(b / a if b >= 1e-7 and a >= 1e-7 else 1.0)
+    return out
 
 
 def _combine(base: np.ndarray, deltas: list[np.ndarray], weights: list[Any], consensus: bool, job: TensorJob,
@@ -361,12 +436,27 @@ def task_slerp_coefficients(g: np.ndarray, t: float) -> list[float]:
 
 def _slerp_family(method: str, job: TensorJob) -> Iterator[np.ndarray]:
     """slerp: base and model at ``t``; task_slerp: the init plus a SLERP of the task vectors."""
+    if jit_enabled():
+        from soupkit.merge.kernels import slerp_fused
+
+        return slerp_fused(method, job)
+    return _slerp_numpy(method, job)
+
+
+def slerp_family_coefficients(method: str, job: TensorJob, g: np.ndarray) -> tuple[list[float], bool]:
+    """The float64 coefficients of the vectors (slerp: base and model; task_slerp: the task vectors)
+    from their Gram matrix, and whether the base is added (task_slerp)."""
+    if method == "slerp":
+        return list(slerp_coefficients(job.shared["t"], g)), False
+    return task_slerp_coefficients(g, job.shared["t"]), True
+
+
+def _slerp_numpy(method: str, job: TensorJob) -> Iterator[np.ndarray]:
     if method == "slerp":
         g = gram(job, lambda s, e: [job.read(0, s, e), job.read(1, s, e)], 2)
-        coefficients, offset = list(slerp_coefficients(job.shared["t"], g)), False
     else:
         g = gram(job, lambda s, e: _deltas(job, s, e), job.count)
-        coefficients, offset = task_slerp_coefficients(g, job.shared["t"]), True
+    coefficients, offset = slerp_family_coefficients(method, job, g)
     c32 = [np.float32(c) for c in coefficients]
     for s, e in job.spans():
         vectors = _deltas(job, s, e) if offset else [job.read(0, s, e), job.read(1, s, e)]
@@ -387,9 +477,12 @@ def _model_stock(job: TensorJob) -> Iterator[np.ndarray]:
     mean pairwise cosine of the task vectors over the tensor (per row with ``filter_wise``)."""
     if job.size == 0:
         return
-    rows = job.shape[0] if job.shared["filter_wise"] and len(job.shape) > 1 else 1
-    width = job.size // rows
-    step = max(1, CHUNK // width) * width if rows > 1 else CHUNK  # whole rows per chunk
+    rows, width, step = stock_rows(job)
+    if jit_enabled():
+        from soupkit.merge.kernels import stock_fused
+
+        yield from stock_fused(job, rows, width, step)
+        return
     t = _stock_t(job, rows, width, step)
     count = np.float32(job.count)
     for s, e in job.spans(step):
@@ -399,20 +492,37 @@ def _model_stock(job: TensorJob) -> Iterator[np.ndarray]:
         yield tt * average + (np.float32(1) - tt) * base
 
 
+def stock_rows(job: TensorJob) -> tuple[int, int, int]:
+    """Model Stock's rows (1 unless ``filter_wise``), their width, and the chunk step (whole rows)."""
+    rows = job.shape[0] if job.shared["filter_wise"] and len(job.shape) > 1 else 1
+    width = job.size // rows
+    return rows, width, max(1, CHUNK // width) * width if rows > 1 else CHUNK
+
+
+def stock_pairs(count: int) -> list[tuple[int, int]]:
+    return [(a, b) for a in range(count) for b in range(a, count)]
+
+
 def _stock_t(job: TensorJob, rows: int, width: int, step: int) -> np.ndarray:
     """float32 t per row (one row: the whole tensor)."""
-    pairs = [(a, b) for a in range(job.count) for b in range(a, job.count)]
+    pairs = stock_pairs(job.count)
     dots = {p: np.zeros(rows) for p in pairs}
     for s, e in job.spans(step):
         deltas = [d.astype(np.float64).reshape(-1, width if rows > 1 else e - s) for d in _deltas(job, s, e)]
         for a, b in pairs:
             dots[a, b][s // width: e // width if rows > 1 else 1] += (deltas[a] * deltas[b]).sum(axis=-1)
-    norms = [np.sqrt(dots[i, i]) for i in range(job.count)]
+    return stock_t(dots, job.count)
+
+
+def stock_t(dots: dict[tuple[int, int], np.ndarray], count: int) -> np.ndarray:
+    """float32 t per row from the float64 dot products of the task vectors (``stock_pairs``)."""
+    pairs = stock_pairs(count)
+    norms = [np.sqrt(dots[i, i]) for i in range(count)]
     cosines = [np.clip(dots[a, b] / np.maximum(norms[a] * norms[b], 1e-6), -1, 1) for a, b in pairs if a < b]
     cos = np.mean(cosines, axis=0)
-    denominator = 1 + (job.count - 1) * cos
+    denominator = 1 + (count - 1) * cos
     singular = np.abs(denominator) < 1e-6
-    return np.where(singular, 0.0, job.count * cos / np.where(singular, 1.0, denominator)).astype(np.float32)
+    return np.where(singular, 0.0, count * cos / np.where(singular, 1.0, denominator)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

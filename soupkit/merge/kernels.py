@@ -1,0 +1,582 @@
+"""Fused numba kernels for the native task-vector methods (float32 work).
+
+One pass per chunk does every elementwise step of a method, in blocks of ``BLOCK`` elements whose
+loops vectorise, reading the inputs as stored (bfloat16 bits or float32, widened in the loop): for
+task_arithmetic, ties and dare_ties the task vectors, TIES's trim or DARE's drop, the scales and
+weights, the sign election, the sums, the division, lambda and the base, in the same float32
+operations and order as the numpy reference in ``soupkit.merge.methods`` (``_keep``, ``_combine32``),
+so the bits are the same; for slerp, task_slerp and model_stock the output pass likewise, given the
+same statistics. ``tests/merge/test_kernels.py`` checks both. The statistics passes are fused too:
+TIES's cut is a two-pass radix select on the bits of |d| (a histogram of the high 16 bits, then of
+the low 16 bits inside the chosen bin) instead of a partition of a full copy; DARE's L1 norms are
+exact (``methods.l1_histogram``'s representation); the dot products behind SLERP's angle and Model
+Stock's cosine are float64 sums, reassociated (a few float64 ulps from numpy's).
+
+This module imports numba (~0.2-0.35 s), so ``soupkit.merge.methods`` imports it only when a
+task-vector method runs; ``SOUPKIT_JIT=0`` keeps the numpy reference. Kernels compile on first use
+and are cached on disk by numba (``cache=True``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+from soupkit.merge.methods import (
+    L1_BINS,
+    Cut,
+    TensorJob,
+    dare_key,
+    dare_threshold,
+    l1_scales,
+    slerp_family_coefficients,
+    stock_pairs,
+    stock_t,
+)
+
+BLOCK = 4096
+"""Elements per inner block of the statistics kernels (their scratch stays in the L1 cache)."""
+
+G = np.uint64(0x9E3779B97F4A7C15)
+M1 = np.uint64(0xBF58476D1CE4E5B9)
+M2 = np.uint64(0x94D049BB133111EB)
+S30, S27, S31, S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+
+KEEP_ALL, TRIM, DROP = 0, 1, 2
+"""Per-model modes: keep every element, TIES's magnitude trim, DARE's random drop."""
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _mix(z):
+    """splitmix64's finaliser (uint64 -> uint64)."""
+    z = (z ^ (z >> S30)) * M1
+    z = (z ^ (z >> S27)) * M2
+    return z ^ (z >> S31)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _factors(mode, b, x, value, left, i, key, thresh, first, f):
+    """``f[k]`` = 1 where element k of the task vector x - b (element ``first + k`` of the tensor) is
+    kept, else 0 (float32); ``left[i]`` counts down the elements equal to TIES's cut still to keep
+    (earliest first). Every argument array is one block (a 1-D view: loops over them vectorise)."""
+    m = b.size
+    if mode == TRIM:
+        for k in range(m):
+            f[k] = np.float32(abs(x[k] - b[k]) > value)
+        if left[i] > 0:
+            hits = 0
+            for k in range(m):
+                hits += abs(x[k] - b[k]) == value
+            if hits:
+                _keep_equal(b, x, value, left, i, f)
+    elif mode == DROP:
+        for k in range(m):
+            z = key + np.uint64(first + k + 1) * G
+            f[k] = np.float32((_mix(z) >> S11) < thresh)
+    else:
+        for k in range(m):
+            f[k] = np.float32(1)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _keep_equal(b, x, value, left, i, f):
+    """Keep the first ``left[i]`` elements whose magnitude equals the cut."""
+    remaining = left[i]
+    for k in range(b.size):
+        if remaining > 0 and abs(x[k] - b[k]) == value:
+            f[k] = np.float32(1)
+            remaining -= 1
+    left[i] = remaining
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _task_vector(mode, b, x, value, left, i, key, thresh, first, scale, w, f, d):
+    """``d`` = the trimmed (or dropped), rescaled, weighted task vector x - b over one block."""
+    m = b.size
+    if mode == KEEP_ALL:
+        for k in range(m):
+            d[k] = (x[k] - b[k]) * w
+        return
+    _factors(mode, b, x, value, left, i, key, thresh, first, f)
+    if scale != np.float32(1):
+        for k in range(m):
+            d[k] = (x[k] - b[k]) * f[k] * scale * w
+    else:
+        for k in range(m):
+            d[k] = (x[k] - b[k]) * f[k] * w
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _elect(d, weights, total, mixed, divisor):
+    """TIES's sign election over one block: ``mixed`` = the sum of the weighted deltas ``d[i]`` whose
+    sign is their total's, ``divisor`` = the sum of their weights (1 when none agrees)."""
+    zero = np.float32(0)
+    m = total.size
+    d0, w = d[0][:m], weights[0]
+    for k in range(m):
+        positive = total[k] >= zero
+        agree = np.float32(((d0[k] > zero) & positive) | ((d0[k] < zero) & (positive ^ True)))
+        mixed[k] = d0[k] * agree
+        divisor[k] = zero + agree * w
+    for i in range(1, d.shape[0]):
+        di, w = d[i][:m], weights[i]
+        for k in range(m):
+            positive = total[k] >= zero
+            agree = np.float32(((di[k] > zero) & positive) | ((di[k] < zero) & (positive ^ True)))
+            mixed[k] = mixed[k] + di[k] * agree
+            divisor[k] = divisor[k] + agree * w
+    for k in range(m):
+        if divisor[k] == zero:
+            divisor[k] = np.float32(1)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _finish(mixed, divisor, normalize, lam, use_lam, b, o):
+    """``o`` = b + lambda * mixed [/ divisor] (one loop per case: each vectorises)."""
+    m = b.size
+    if normalize and use_lam:
+        for k in range(m):
+            o[k] = mixed[k] / divisor[k] * lam + b[k]
+    elif normalize:
+        for k in range(m):
+            o[k] = mixed[k] / divisor[k] + b[k]
+    elif use_lam:
+        for k in range(m):
+            o[k] = mixed[k] * lam + b[k]
+    else:
+        for k in range(m):
+            o[k] = mixed[k] + b[k]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _finish_all(mixed, divisor, normalize, lam, use_lam, b, o):
+    """``_finish`` with one divisor for every element (task_arithmetic); ``mixed`` is scratch."""
+    if normalize:
+        for k in range(b.size):
+            mixed[k] = mixed[k] / divisor
+    _finish(mixed, mixed, False, lam, use_lam, b, o)
+
+
+def _load(src, dst, bits):
+    """Widen one block of stored elements to float32 (``dst``; ``bits`` is its uint32 view)."""
+    raise NotImplementedError  # compiled by numba from the overload below
+
+
+@overload(_load, jit_options={"cache": True, "nogil": True})
+def _load_overload(src, dst, bits):
+    if src.dtype == types.uint16:  # bfloat16: the upper half of a float32 (exact)
+        def widen_bf16(src, dst, bits):
+            for k in range(src.size):
+                bits[k] = np.uint32(src[k]) << np.uint32(16)
+        return widen_bf16
+
+    def copy(src, dst, bits):
+        for k in range(src.size):
+            dst[k] = src[k]
+    return copy
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def gta_chunk(base, models, out, modes, values, left, keys, thresh, start, scales, weights, consensus,
+              normalize, divisor_all, lam, use_lam):
+    """One output chunk of task_arithmetic / ties / dare_ties into ``out`` (float32), block by block:
+    each model's weighted, trimmed task vector, then the sum (with TIES's sign election), the
+    division, lambda and the base, each step an L1-resident loop in ``methods._combine32``'s order.
+    ``base`` and ``models`` are stored elements (float32, or bfloat16 as uint16)."""
+    count = len(models)
+    d = np.empty((count, BLOCK), np.float32)
+    f = np.empty(BLOCK, np.float32)
+    total, mixed, divisor = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
+    base_bits, x_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
+    base_block, x_block = base_bits.view(np.float32), x_bits.view(np.float32)
+    for s in range(0, base.size, BLOCK):
+        e = min(s + BLOCK, base.size)
+        m = e - s
+        b = base_block[:m]
+        _load(base[s:e], b, base_bits[:m])
+        for i in range(count):
+            x = x_block[:m]
+            _load(models[i][s:e], x, x_bits[:m])
+            _task_vector(modes[i], b, x, values[i], left, i, keys[i], thresh[i], start + s,
+                         scales[i], weights[i], f[:m], d[i][:m])
+        t, d0 = total[:m], d[0][:m]
+        for k in range(m):
+            t[k] = d0[k]
+        for i in range(1, count):
+            di = d[i][:m]
+            for k in range(m):
+                t[k] = t[k] + di[k]
+        if consensus:
+            _elect(d, weights, t, mixed[:m], divisor[:m])
+            _finish(mixed[:m], divisor[:m], normalize, lam, use_lam, b, out[s:e])
+        else:
+            _finish_all(t, divisor_all, normalize, lam, use_lam, b, out[s:e])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _magnitudes(base, x, s, e, base_block, base_bits, x_block, x_bits, mags):
+    """|x - base| over elements [s, e) of stored inputs, as float32 in ``mags``."""
+    m = e - s
+    _load(base[s:e], base_block[:m], base_bits[:m])
+    _load(x[s:e], x_block[:m], x_bits[:m])
+    for k in range(m):
+        mags[k] = abs(x_block[k] - base_block[k])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def cut_histogram(base, models, active, bins, hist):
+    """The radix select's passes over one chunk: ``bins[i]`` < 0: ``hist[i, bits(|d_i|) >> 16] += 1``
+    (pass 1); else the low 16 bits of the |d_i| whose high 16 bits are ``bins[i]`` (pass 2). Counts
+    go to int32 bins first (half the cache footprint; a chunk holds < 2^31 elements)."""
+    base_bits, x_bits, mag_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
+    base_block, x_block, mags = base_bits.view(np.float32), x_bits.view(np.float32), mag_bits.view(np.float32)
+    counts = np.zeros((len(models), 1 << 16), np.int32)
+    n = base.size
+    for s in range(0, n, BLOCK):
+        e = min(s + BLOCK, n)
+        m = e - s
+        _load(base[s:e], base_block[:m], base_bits[:m])
+        for i in range(len(models)):
+            if not active[i]:
+                continue
+            _load(models[i][s:e], x_block[:m], x_bits[:m])
+            for k in range(m):
+                mags[k] = abs(x_block[k] - base_block[k])
+            _count(mag_bits[:m], bins[i], counts[i])
+    for i in range(len(models)):
+        for j in range(1 << 16):
+            hist[i, j] += counts[i, j]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _count(bits, target, counts):
+    """``target`` < 0: count the high 16 bits; else the low 16 bits of those whose high bits are it."""
+    if target < 0:
+        for k in range(bits.size):
+            counts[bits[k] >> 16] += 1
+        return
+    hits = 0
+    for k in range(bits.size):
+        hits += (bits[k] >> 16) == target
+    if hits:
+        for k in range(bits.size):
+            if (bits[k] >> 16) == target:
+                counts[bits[k] & 0xFFFF] += 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def l1_histograms(base, models, modes, values, left, keys, thresh, start, before, after):
+    """Exact L1 norms of each task vector before and after its trim/drop, as ``methods.L1_BINS``
+    histograms (``before[i]``, ``after[i]``; int64; ``methods.l1_norm`` reads them)."""
+    base_bits, x_bits, mag_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
+    base_block, x_block, mags = base_bits.view(np.float32), x_bits.view(np.float32), mag_bits.view(np.float32)
+    f = np.empty(BLOCK, np.float32)
+    n = base.size
+    for i in range(len(models)):
+        for s in range(0, n, BLOCK):
+            e = min(s + BLOCK, n)
+            m = e - s
+            _magnitudes(base, models[i], s, e, base_block, base_bits, x_block, x_bits, mags)
+            _factors(modes[i], base_block[:m], x_block[:m], values[i], left, i, keys[i], thresh[i], start + s, f[:m])
+            _l1_block(mag_bits[:m], f[:m], before[i], after[i])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _l1_block(bits, f, before, after):
+    """Add one block of magnitudes (float32 bits), all and those with ``f`` = 1, to the histograms.
+    Where the block's nonzero exponents span at most 26 (the usual case), each significand is shifted
+    onto the lowest one and summed in int64 (at most 2^50 each, 2^62 for 4096: exact), in a loop that
+    vectorises; else one bin per element."""
+    lo, hi = 255, 0
+    for k in range(bits.size):
+        ex = np.int64(bits[k] >> 23)
+        lo = min(lo, max(ex, 1) if bits[k] != 0 else 255)
+        hi = max(hi, ex)
+    if hi < 255 and hi - lo <= 26:
+        total, kept = np.int64(0), np.int64(0)
+        for k in range(bits.size):
+            ex = np.int64(bits[k] >> 23)
+            sig = np.int64(bits[k] & 0x7FFFFF) | (np.int64(0x800000) if ex > 0 else np.int64(0))
+            shifted = sig << max(max(ex, 1) - lo, 0)
+            total += shifted
+            kept += shifted * np.int64(f[k] != 0)
+        low = (np.int64(1) << 26) - 1
+        before[lo] += total & low
+        before[lo + 26] += total >> 26
+        after[lo] += kept & low
+        after[lo + 26] += kept >> 26
+        return
+    for k in range(bits.size):
+        ex = np.int64(bits[k] >> 23)
+        if ex == 255:
+            before[before.size - 1] += 1
+            after[after.size - 1] += np.int64(f[k] != 0)
+            continue
+        sig = np.int64(bits[k] & 0x7FFFFF) | (np.int64(0x800000) if ex > 0 else np.int64(0))
+        before[max(ex, 1)] += sig
+        after[max(ex, 1)] += sig * np.int64(f[k] != 0)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _vectors(base, models, delta, s, e, base_block, base_bits, x_block, x_bits, vectors):
+    """Elements [s, e) of the vectors of ``dots_chunk`` as float64 rows of ``vectors``."""
+    m = e - s
+    b = base_block[:m]
+    _load(base[s:e], b, base_bits[:m])
+    if not delta:
+        v = vectors[0][:m]
+        for k in range(m):
+            v[k] = b[k]
+    for i in range(len(models)):
+        x = x_block[:m]
+        _load(models[i][s:e], x, x_bits[:m])
+        v = vectors[i if delta else i + 1][:m]
+        if delta:
+            for k in range(m):
+                v[k] = x[k] - b[k]
+        else:
+            for k in range(m):
+                v[k] = x[k]
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def dots_chunk(base, models, delta, width, pairs, dots):
+    """``dots[r, p]`` += the float64 dot product over row r (``width`` elements) of the vectors
+    ``pairs[p]``: the task vectors x_i - base (``delta``) or (base, x_1, ...). Each product of two
+    float32 is exact in float64; the sums are reassociated (vectorised), so they differ from numpy's
+    in the last bits."""
+    count = len(models) if delta else len(models) + 1
+    vectors = np.empty((count, BLOCK), np.float64)
+    base_bits, x_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
+    base_block, x_block = base_bits.view(np.float32), x_bits.view(np.float32)
+    for r in range(base.size // width):
+        for s in range(r * width, (r + 1) * width, BLOCK):
+            e = min(s + BLOCK, (r + 1) * width)
+            m = e - s
+            _vectors(base, models, delta, s, e, base_block, base_bits, x_block, x_bits, vectors)
+            for p in range(pairs.shape[0]):
+                va, vb = vectors[pairs[p, 0]][:m], vectors[pairs[p, 1]][:m]
+                acc = 0.0
+                for k in range(m):
+                    acc += va[k] * vb[k]
+                dots[r, p] += acc
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def slerp_chunk(base, models, coefficients, offset, out):
+    """slerp (``offset`` False): c_0 base + c_1 x_1; task_slerp: base + sum_i c_i (x_i - base), summed
+    left to right in float32 as ``methods._slerp_numpy``."""
+    base_bits, x_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
+    base_block, x_block = base_bits.view(np.float32), x_bits.view(np.float32)
+    acc = np.empty(BLOCK, np.float32)
+    for s in range(0, base.size, BLOCK):
+        e = min(s + BLOCK, base.size)
+        m = e - s
+        b, x, o = base_block[:m], x_block[:m], out[s:e]
+        _load(base[s:e], b, base_bits[:m])
+        if not offset:
+            _load(models[0][s:e], x, x_bits[:m])
+            c0, c1 = coefficients[0], coefficients[1]
+            for k in range(m):
+                o[k] = c0 * b[k] + c1 * x[k]
+            continue
+        for i in range(len(models)):
+            _load(models[i][s:e], x, x_bits[:m])
+            c = coefficients[i]
+            if i == 0:
+                for k in range(m):
+                    acc[k] = c * (x[k] - b[k])
+            else:
+                for k in range(m):
+                    acc[k] = acc[k] + c * (x[k] - b[k])
+        for k in range(m):
+            o[k] = b[k] + acc[k]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def stock_chunk(base, models, t, width, out):
+    """Model Stock: t_r * mean(x_i) + (1 - t_r) * base, row r (``width`` elements) at ``t[r]``."""
+    base_bits, x_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
+    base_block, x_block = base_bits.view(np.float32), x_bits.view(np.float32)
+    acc = np.empty(BLOCK, np.float32)
+    count = np.float32(len(models))
+    for r in range(base.size // width):
+        tt = t[r]
+        rest = np.float32(1) - tt
+        for s in range(r * width, (r + 1) * width, BLOCK):
+            e = min(s + BLOCK, (r + 1) * width)
+            m = e - s
+            b, x, a = base_block[:m], x_block[:m], acc[:m]
+            _load(base[s:e], b, base_bits[:m])
+            for i in range(len(models)):
+                _load(models[i][s:e], x, x_bits[:m])
+                if i == 0:
+                    for k in range(m):
+                        a[k] = x[k]
+                else:
+                    for k in range(m):
+                        a[k] = a[k] + x[k]
+            o = out[s:e]
+            for k in range(m):
+                o[k] = tt * (a[k] / count) + rest * b[k]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def narrow_bf16(src, out):
+    """float32 -> bfloat16 bits in one pass: ``engine.round_bf16``'s (nearest, ties to even; NaN ->
+    0x7FC0), which takes five numpy passes."""
+    bits = src.view(np.uint32)
+    for k in range(src.size):
+        u = bits[k]
+        rounded = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        out[k] = np.uint16(0x7FC0) if src[k] != src[k] else rounded
+
+
+# ---------------------------------------------------------------------------------------------
+# drivers: the statistics, then the output chunk by chunk
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """A read-only view (every input of a kernel call has one numba type, whatever its origin)."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def _chunk(job: TensorJob, s: int, e: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """Elements [s, e) of the base and the models as stored (bfloat16 bits or float32) when the job
+    can read them so, else widened to float32."""
+    read = job.stored or job.read
+    return _frozen(read(0, s, e)), tuple(_frozen(read(i + 1, s, e)) for i in range(job.count))
+
+
+def radix_cuts(job: TensorJob, densities: list[float]) -> list[Cut | None]:
+    """Every model's TIES cut (``methods.magnitude_cut``'s, the same value and count of equal elements
+    kept) by a radix select on the bits of |d| (non-negative float32 bits order like the values): a
+    histogram of the high 16 bits, then of the low 16 bits inside the bin holding the k-th largest."""
+    n = job.size
+    cuts: list[Cut | None] = [None] * job.count
+    active = np.zeros(job.count, np.bool_)
+    for i, density in enumerate(densities):
+        if density < 1:
+            if density <= 0 or n == 0:
+                cuts[i] = Cut(math.inf, 0)
+            else:
+                active[i] = True
+    if not active.any():
+        return cuts
+    high = np.zeros((job.count, 1 << 16), np.int64)
+    for s, e in job.spans():
+        cut_histogram(*_chunk(job, s, e), active, np.full(job.count, -1, np.int64), high)
+    ks = [max(1, int(d * n)) for d in densities]
+    bins, above = np.zeros(job.count, np.int64), [0] * job.count
+    for i in np.flatnonzero(active):
+        top = np.cumsum(high[i, ::-1])  # elements in this bin or above, from the top bin down
+        j = int(np.searchsorted(top, ks[i]))
+        bins[i] = (1 << 16) - 1 - j
+        above[i] = int(top[j] - high[i, bins[i]])
+    low = np.zeros((job.count, 1 << 16), np.int64)
+    for s, e in job.spans():
+        cut_histogram(*_chunk(job, s, e), active, bins, low)
+    for i in np.flatnonzero(active):
+        top = np.cumsum(low[i, ::-1])
+        j = int(np.searchsorted(top, ks[i] - above[i]))
+        bits = (int(bins[i]) << 16) | ((1 << 16) - 1 - j)
+        greater = above[i] + int(top[j] - low[i, (1 << 16) - 1 - j])
+        cuts[i] = Cut(float(np.array(bits, np.uint32).view(np.float32)), ks[i] - greater)
+    return cuts
+
+
+def _masks(method: str, job: TensorJob, densities: list[float]) -> tuple[np.ndarray, ...]:
+    """Per model: mode, TIES cut value and equal elements to keep, DARE key and threshold."""
+    count = job.count
+    modes, values = np.zeros(count, np.int64), np.zeros(count, np.float32)
+    left, keys, thresh = np.zeros(count, np.int64), np.zeros(count, np.uint64), np.zeros(count, np.uint64)
+    if method == "ties":
+        for i, cut in enumerate(radix_cuts(job, densities)):
+            if cut is not None:
+                modes[i], values[i], left[i] = TRIM, np.float32(cut.value), cut.ties
+    elif method == "dare_ties":
+        for i, density in enumerate(densities):
+            if density < 1:
+                modes[i], keys[i], thresh[i] = DROP, dare_key(job.seed, job.name, i), dare_threshold(density)
+    return modes, values, left, keys, thresh
+
+
+def _rescales(job: TensorJob, modes: np.ndarray, values: np.ndarray, left: np.ndarray, keys: np.ndarray,
+              thresh: np.ndarray) -> np.ndarray:
+    """``rescale``: float32 L1 before / after per model, from exact histograms (``methods.l1_scales``)."""
+    before, after = np.zeros((job.count, L1_BINS), np.int64), np.zeros((job.count, L1_BINS), np.int64)
+    counting = left.copy()
+    for s, e in job.spans():
+        l1_histograms(*_chunk(job, s, e), modes, values, counting, keys, thresh, s, before, after)
+    return np.array(l1_scales(list(before), list(after)), np.float64).astype(np.float32)
+
+
+def gta_fused(method: str, job: TensorJob) -> Iterator[np.ndarray]:
+    """task_arithmetic / ties / dare_ties on float32 work: ``methods._gta_numpy``'s bits, fused."""
+    modes, values, left, keys, thresh = _masks(method, job, [float(p["density"]) for p in job.per_model])
+    scales = np.ones(job.count, np.float32)
+    if job.shared["rescale"] and modes.any():
+        scales = _rescales(job, modes, values, left, keys, thresh)
+    weights = np.array([np.float32(p["weight"]) for p in job.per_model], np.float32)
+    divisor = weights[0]
+    for w in weights[1:]:
+        divisor = divisor + w
+    divisor = np.float32(1) if abs(divisor) < 1e-8 else np.float32(divisor)
+    lam = float(job.shared["lambda"])
+    out = np.empty(0, np.float32)
+    for s, e in job.spans():
+        if out.size < e - s:
+            out = np.empty(e - s, np.float32)  # the first chunk is the largest
+        base, models = _chunk(job, s, e)
+        gta_chunk(base, models, out[: e - s], modes, values, left, keys, thresh, s, scales, weights,
+                  method != "task_arithmetic", bool(job.shared["normalize"]), divisor, np.float32(lam), lam != 1)
+        yield out[: e - s]
+
+
+def _dots(job: TensorJob, delta: bool, count: int, rows: int, width: int, step: int | None = None) -> np.ndarray:
+    """float64 dot products per row of every pair (a <= b) of ``count`` vectors (``dots_chunk``)."""
+    pairs = np.array(stock_pairs(count), np.int64).reshape(-1, 2)
+    dots = np.zeros((rows, len(pairs)))
+    for s, e in job.spans(step):
+        part = np.zeros((max(1, (e - s) // width) if rows > 1 else 1, len(pairs)))
+        dots_chunk(*_chunk(job, s, e), delta, width if rows > 1 else e - s, pairs, part)
+        first = s // width if rows > 1 else 0
+        dots[first: first + len(part)] += part
+    return dots
+
+
+def slerp_fused(method: str, job: TensorJob) -> Iterator[np.ndarray]:
+    """slerp / task_slerp: the Gram matrix in one fused pass, then the output in another."""
+    delta = method == "task_slerp"
+    count = job.count if delta else 2
+    g = np.zeros((count, count))
+    for (a, b), value in zip(stock_pairs(count), _dots(job, delta, count, 1, 1)[0]):
+        g[a, b] = g[b, a] = value
+    coefficients, offset = slerp_family_coefficients(method, job, g)
+    c32 = np.array([np.float32(c) for c in coefficients], np.float32)
+    out = np.empty(0, np.float32)
+    for s, e in job.spans():
+        if out.size < e - s:
+            out = np.empty(e - s, np.float32)
+        slerp_chunk(*_chunk(job, s, e), c32, offset, out[: e - s])
+        yield out[: e - s]
+
+
+def stock_fused(job: TensorJob, rows: int, width: int, step: int) -> Iterator[np.ndarray]:
+    """Model Stock: the task vectors' dot products (per row with ``filter_wise``) in one fused pass,
+    then the output in another."""
+    dots = _dots(job, True, job.count, rows, width, step)
+    t = stock_t({p: dots[:, j] for j, p in enumerate(stock_pairs(job.count))}, job.count)
+    out = np.empty(0, np.float32)
+    for s, e in job.spans(step):
+        if out.size < e - s:
+            out = np.empty(e - s, np.float32)
+        trow = t[s // width: e // width] if rows > 1 else t[:1]
+        stock_chunk(*_chunk(job, s, e), trow, width if rows > 1 else e - s, out[: e - s])
+        yield out[: e - s]
