@@ -117,18 +117,63 @@ def _contiguous_first_arg(module: Any, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:]) if args else args
 
 
+EAGER_FP32 = "soupkit_eager"
+"""The name soupkit registers its eager attention under (``eager_attention_fp32``)."""
+
+
 def use_attention(model: Any, implementation: str, strict: bool) -> None:
     """Switch a transformers model (or the base of a peft model) to ``sdpa`` or ``eager`` attention;
-    anything else (a reward function, a wrapper around the policy) is left alone. A model whose code
-    cannot run ``implementation`` keeps its own kernel, unless ``strict`` (the user asked for it)."""
+    anything else (a reward function, a wrapper around the policy) is left alone. ``eager`` is
+    ``eager_attention_fp32`` where the model's code takes a registered attention function, else
+    transformers' own. A model whose code cannot run ``implementation`` keeps its own kernel, unless
+    ``strict`` (the user asked for it)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not hasattr(base, "set_attn_implementation") or base.config._attn_implementation == implementation:
+    if not hasattr(base, "set_attn_implementation"):
         return
-    try:
-        base.set_attn_implementation(implementation)
-    except (ValueError, ImportError) as exc:
-        if strict:
-            raise SoupkitError(f"attention {implementation}: {type(base).__name__} cannot use it ({exc})") from None
+    names = [register_eager_fp32(), implementation] if implementation == "eager" else [implementation]
+    if base.config._attn_implementation in names:
+        return
+    for name in names:
+        try:
+            base.set_attn_implementation(name)
+            return
+        except (ValueError, ImportError) as exc:
+            error = exc
+    if strict:
+        raise SoupkitError(f"attention {implementation}: {type(base).__name__} cannot use it ({error})") from None
+
+
+def register_eager_fp32() -> str:
+    """Register ``eager_attention_fp32`` with transformers (once); its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    if EAGER_FP32 not in AttentionInterface._global_mapping:
+        AttentionInterface.register(EAGER_FP32, eager_attention_fp32)
+        AttentionMaskInterface.register(EAGER_FP32, eager_mask)  # the additive float mask eager takes
+    return EAGER_FP32
+
+
+def eager_attention_fp32(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float,
+                         dropout: float = 0.0, **kwargs: Any) -> tuple[Any, Any]:
+    """Attention as plain matrix products (transformers' ``eager`` signature), with the scores, the
+    softmax and the weighted sum in float32 whatever the inputs' dtype. transformers' eager rounds the
+    scores q.k to the inputs' dtype before the softmax: under bf16 autocast to 3 significant digits,
+    where torch's SDPA kernel keeps them in float32. Shapes: (b, h, s, d) x3, mask (b, 1, s, s_kv) ->
+    (b, s, h, d) in the query's dtype, and the probabilities (b, h, s, s_kv), float32."""
+    import torch
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    with torch.autocast(query.device.type, enabled=False):
+        k = key.float().repeat_interleave(groups, dim=1) if groups > 1 else key.float()
+        v = value.float().repeat_interleave(groups, dim=1) if groups > 1 else value.float()
+        scores = torch.matmul(query.float(), k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask.float()
+        probs = torch.softmax(scores, dim=-1)
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+        out = torch.matmul(probs, v).transpose(1, 2).contiguous()
+    return out.to(query.dtype), probs
 
 
 def seq_cls(path: Path, what: str, dtype: Any = None, device: Any = "cpu", trust_remote_code: bool = False) -> Any:

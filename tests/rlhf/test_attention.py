@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from soupkit.errors import SoupkitError
-from soupkit.loading import use_attention
+from soupkit.loading import EAGER_FP32, eager_attention_fp32, use_attention
 from soupkit.rlhf import train
 from soupkit.rlhf.config import EAGER_ATTENTION_BYTES, attention_for
 from soupkit.rlhf.models import load_models, preflight
@@ -57,7 +57,7 @@ def test_every_model_of_a_run_uses_the_kernel_chosen(tmp_path, sft_a, reward_mod
     assert models.attention == "eager"  # tiny models, short prompts, a CPU
     kernels = {m.config._attn_implementation for m in (models.policy, models.critic.seq_cls, *models.refs,
                                                        models.reward.model)}
-    assert kernels == {"eager"}
+    assert kernels == {EAGER_FP32}  # soupkit's float32 eager (transformers' eager where it cannot)
     forced = load_models(spec.model_copy(update={"attention": "sdpa"}), preflight(spec), torch.device("cpu"))
     assert forced.attention == "sdpa" and forced.policy.config._attn_implementation == "sdpa"
 
@@ -92,3 +92,40 @@ def test_a_kernel_a_model_cannot_run_is_an_error_only_when_asked_for(sft_a):
 def test_the_run_records_the_kernel_it_used(tmp_path, sft_a, prompts_txt):
     out = train(spec_for(sft_a, prompts_txt, None, steps=1), out=tmp_path / "run")
     assert "attention: eager" in (out / "soupkit_recipe.yaml").read_text()  # auto, as decided
+    # the saved model names no soupkit kernel: plain transformers loads it as it was
+    assert EAGER_FP32 not in (out / "config.json").read_text()
+
+
+def _attention_case(groups: int = 2):
+    """bf16 queries, keys and values of 2 rows x 4 heads (2 key/value heads) x 7 positions, the
+    first row left-padded by 3, and eager's additive causal mask."""
+    g = torch.Generator().manual_seed(0)
+    b, h, s, d = 2, 4, 7, 16
+    q = (2 * torch.randn(b, h, s, d, generator=g)).bfloat16()  # scaled scores of magnitude ~4
+    k = (2 * torch.randn(b, h // groups, s, d, generator=g)).bfloat16()
+    v = torch.randn(b, h // groups, s, d, generator=g).bfloat16()
+    allowed = torch.ones(s, s).tril().bool().expand(b, 1, s, s).clone()
+    allowed[0, :, :, :3] = False
+    allowed[0, :, :3, 0] = True  # a padded query row attends somewhere, as transformers' masks allow
+    mask = torch.zeros(b, 1, s, s).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return q, k, v, mask, SimpleNamespace(num_key_value_groups=groups, training=False)
+
+
+def test_soupkit_eager_is_float32_attention_even_on_bf16_inputs():
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    q, k, v, mask, module = _attention_case()
+    scaling = 16 ** -0.5
+    # the oracle: softmax(q k^T / sqrt(d) + mask) v in float64 on the same bf16 inputs
+    kk, vv = (x.double().repeat_interleave(2, dim=1) for x in (k, v))
+    probs = torch.softmax(q.double() @ kk.transpose(2, 3) * scaling + mask.double(), dim=-1)
+    expected = (probs @ vv).transpose(1, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, weights = eager_attention_fp32(module, q, k, v, mask, scaling)
+        theirs, their_weights = eager_attention_forward(module, q, k, v, mask.bfloat16(), scaling)
+    assert out.dtype == torch.bfloat16 and weights.dtype == torch.float32
+    torch.testing.assert_close(weights.double(), probs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.double(), expected, rtol=2 ** -8, atol=1e-6)  # one bf16 rounding
+    # transformers' eager rounds the scores to bf16 before the softmax: its probabilities are off by
+    # up to 0.0056 here, thousands of times more
+    assert (their_weights.double() - probs).abs().max() > 1e-3
