@@ -426,7 +426,8 @@ def minibatch_loss(run: Run, mb: Trajectory, parts: tuple[str, ...]) -> tuple[di
                                                                              dict[str, torch.Tensor]]:
     """``{"policy": policy_loss, "critic": vf_coef * value_loss}`` (the ``parts`` asked for) on one
     micro-batch, with their statistics (detached 0-d tensors, read back once per epoch). Both parts
-    come from one forward pass of the wrapped module (which DDP/FSDP/DeepSpeed see)."""
+    come from one forward pass of the wrapped module (which DDP/FSDP/DeepSpeed see); one part from
+    that model's forward pass alone."""
     spec = run.spec
     mask, t = mb.attention_mask, mb.response.shape[1]
     args = (mb.sequences, mask.long(), position_ids(mask))
