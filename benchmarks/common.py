@@ -44,11 +44,6 @@ def pair_benchmark(description: str, name: str) -> tuple[argparse.Namespace, Pat
     return args, work, a, b
 
 
-def rss_anon(pid: int) -> int:
-    """Anonymous resident memory of a process in bytes (0 once it has gone)."""
-    return resident(pid).get("RssAnon", 0)
-
-
 def resident(pid: int) -> dict[str, int]:
     """``RssAnon`` (the process's own memory) and ``VmRSS`` (that plus the file pages it maps: code,
     memory-mapped weights) of a process, in bytes; empty once it has gone."""

@@ -140,12 +140,12 @@ def merge_task_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Bu
         return
     out_dtype = output_dtype(plan, name)
     fused = out_dtype == "BF16" and jit_enabled()  # one numba pass instead of five numpy ones
+    if fused:
+        from soupkit.merge.kernels import narrow_bf16
     for merged in merge_stream(plan.spec.method, task_job(plan, name, buf)):
         for start in range(0, merged.size, CHUNK):
             chunk = merged[start:start + CHUNK]
             if fused:
-                from soupkit.merge.kernels import narrow_bf16
-
                 narrow_bf16(chunk, buf.half[: chunk.size])
                 writer.write(name, buf.half[: chunk.size])
             else:

@@ -529,14 +529,21 @@ def gta_fused(method: str, job: TensorJob) -> Iterator[np.ndarray]:
         divisor = divisor + w
     divisor = np.float32(1) if abs(divisor) < 1e-8 else np.float32(divisor)
     lam = float(job.shared["lambda"])
-    out = np.empty(0, np.float32)
-    for s, e in job.spans():
-        if out.size < e - s:
-            out = np.empty(e - s, np.float32)  # the first chunk is the largest
+    for s, e, out in _outputs(job):
         base, models = _chunk(job, s, e)
-        gta_chunk(base, models, out[: e - s], modes, values, left, keys, thresh, s, scales, weights,
+        gta_chunk(base, models, out, modes, values, left, keys, thresh, s, scales, weights,
                   method != "task_arithmetic", bool(job.shared["normalize"]), divisor, np.float32(lam), lam != 1)
-        yield out[: e - s]
+        yield out
+
+
+def _outputs(job: TensorJob, step: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(start, stop, out)`` per chunk of ``job.spans(step)``: ``out`` a float32 view of one buffer
+    reused from chunk to chunk (the first chunk is the largest)."""
+    out = np.empty(0, np.float32)
+    for s, e in job.spans(step):
+        if out.size < e - s:
+            out = np.empty(e - s, np.float32)
+        yield s, e, out[: e - s]
 
 
 def _dots(job: TensorJob, delta: bool, count: int, rows: int, width: int, step: int | None = None) -> np.ndarray:
@@ -560,12 +567,9 @@ def slerp_fused(method: str, job: TensorJob) -> Iterator[np.ndarray]:
         g[a, b] = g[b, a] = value
     coefficients, offset = slerp_family_coefficients(method, job, g)
     c32 = np.array([np.float32(c) for c in coefficients], np.float32)
-    out = np.empty(0, np.float32)
-    for s, e in job.spans():
-        if out.size < e - s:
-            out = np.empty(e - s, np.float32)
-        slerp_chunk(*_chunk(job, s, e), c32, offset, out[: e - s])
-        yield out[: e - s]
+    for s, e, out in _outputs(job):
+        slerp_chunk(*_chunk(job, s, e), c32, offset, out)
+        yield out
 
 
 def stock_fused(job: TensorJob, rows: int, width: int, step: int) -> Iterator[np.ndarray]:
@@ -573,10 +577,7 @@ def stock_fused(job: TensorJob, rows: int, width: int, step: int) -> Iterator[np
     then the output in another."""
     dots = _dots(job, True, job.count, rows, width, step)
     t = stock_t({p: dots[:, j] for j, p in enumerate(stock_pairs(job.count))}, job.count)
-    out = np.empty(0, np.float32)
-    for s, e in job.spans(step):
-        if out.size < e - s:
-            out = np.empty(e - s, np.float32)
+    for s, e, out in _outputs(job, step):
         trow = t[s // width: e // width] if rows > 1 else t[:1]
-        stock_chunk(*_chunk(job, s, e), trow, width if rows > 1 else e - s, out[: e - s])
-        yield out[: e - s]
+        stock_chunk(*_chunk(job, s, e), trow, width if rows > 1 else e - s, out)
+        yield out

@@ -431,14 +431,13 @@ def minibatch_loss(run: Run, mb: Trajectory, parts: tuple[str, ...]) -> tuple[di
     spec = run.spec
     mask, t = mb.attention_mask, mb.response.shape[1]
     args = (mb.sequences, mask.long(), position_ids(mask))
-    module = run.accelerator.unwrap_model(run.trained)
     with bf16_autocast(run):
         if len(parts) == 2:
             logits, values = run.trained(*args, t + 1)
         elif parts == ("policy",):
-            logits, values = module.logits(*args, t + 1), None
+            logits, values = run.accelerator.unwrap_model(run.trained).logits(*args, t + 1), None
         else:
-            logits, values = None, module.critic(*args)
+            logits, values = None, run.models.critic(*args)
     losses: dict[str, torch.Tensor] = {}
     pg_stats: dict[str, torch.Tensor] = {}
     vf_stats: dict[str, torch.Tensor] = {}
