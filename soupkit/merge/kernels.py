@@ -20,10 +20,11 @@ and are cached on disk by numba (``cache=True``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from numba import njit, types
+from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import overload
 
 from soupkit.merge.methods import (
@@ -35,6 +36,7 @@ from soupkit.merge.methods import (
     l1_scales,
     slerp_family_coefficients,
     stock_pairs,
+    stock_rows,
     stock_t,
 )
 
@@ -94,26 +96,10 @@ def _keep_equal(b, x, value, left, i, f):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _task_vector(mode, b, x, value, left, i, key, thresh, first, scale, w, f, d):
-    """``d`` = the trimmed (or dropped), rescaled, weighted task vector x - b over one block."""
-    m = b.size
-    if mode == KEEP_ALL:
-        for k in range(m):
-            d[k] = (x[k] - b[k]) * w
-        return
-    _factors(mode, b, x, value, left, i, key, thresh, first, f)
-    if scale != np.float32(1):
-        for k in range(m):
-            d[k] = (x[k] - b[k]) * f[k] * scale * w
-    else:
-        for k in range(m):
-            d[k] = (x[k] - b[k]) * f[k] * w
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
 def _elect(d, weights, total, mixed, divisor):
     """TIES's sign election over one block: ``mixed`` = the sum of the weighted deltas ``d[i]`` whose
-    sign is their total's, ``divisor`` = the sum of their weights (1 when none agrees)."""
+    sign is their total's, ``divisor`` = the sum of their weights (0 when none agrees: ``_finish``
+    divides by 1 there)."""
     zero = np.float32(0)
     m = total.size
     d0, w = d[0][:m], weights[0]
@@ -129,21 +115,19 @@ def _elect(d, weights, total, mixed, divisor):
             agree = np.float32(((di[k] > zero) & positive) | ((di[k] < zero) & (positive ^ True)))
             mixed[k] = mixed[k] + di[k] * agree
             divisor[k] = divisor[k] + agree * w
-    for k in range(m):
-        if divisor[k] == zero:
-            divisor[k] = np.float32(1)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _finish(mixed, divisor, normalize, lam, use_lam, b, o):
-    """``o`` = b + lambda * mixed [/ divisor] (one loop per case: each vectorises)."""
+    """``o`` = b + lambda * mixed [/ divisor, 1 where it is 0] (one loop per case: each vectorises)."""
     m = b.size
+    one, zero = np.float32(1), np.float32(0)
     if normalize and use_lam:
         for k in range(m):
-            o[k] = mixed[k] / divisor[k] * lam + b[k]
+            o[k] = mixed[k] / (divisor[k] if divisor[k] != zero else one) * lam + b[k]
     elif normalize:
         for k in range(m):
-            o[k] = mixed[k] / divisor[k] + b[k]
+            o[k] = mixed[k] / (divisor[k] if divisor[k] != zero else one) + b[k]
     elif use_lam:
         for k in range(m):
             o[k] = mixed[k] * lam + b[k]
@@ -181,15 +165,65 @@ def _load_overload(src, dst, bits):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _delta(mode, b, x, value, left, i, key, thresh, first, scale, w, d):
+    """``d`` = the trimmed (or dropped), rescaled, weighted task vector x - b over one block, in one
+    loop. TIES keeps |x - b| > cut, and the first ``left[i]`` elements equal to it (counted down):
+    a block whose equal elements are all still to keep keeps |x - b| >= cut in that loop; only the
+    block where the count runs out is redone, keeping its earliest equal elements."""
+    m = b.size
+    if mode == KEEP_ALL:
+        for k in range(m):
+            d[k] = (x[k] - b[k]) * w
+    elif mode == DROP:
+        for k in range(m):
+            z = key + np.uint64(first + k + 1) * G
+            d[k] = (x[k] - b[k]) * np.float32((_mix(z) >> S11) < thresh) * scale * w
+    else:
+        if left[i] > 0:
+            hits = 0
+            for k in range(m):
+                diff = x[k] - b[k]
+                d[k] = diff * np.float32(abs(diff) >= value) * scale * w
+                hits += abs(diff) == value
+            if hits <= left[i]:
+                left[i] -= hits
+                return
+        for k in range(m):
+            diff = x[k] - b[k]
+            d[k] = diff * np.float32(abs(diff) > value) * scale * w
+        if left[i] > 0:
+            _keep_first_equal(b, x, value, left, i, scale, w, d)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _keep_first_equal(b, x, value, left, i, scale, w, d):
+    """Keep the first ``left[i]`` elements of the block whose |x - b| equals the cut (factor 1): a
+    bit mask of the equal ones per 64 elements (it vectorises), walked in order."""
+    remaining = left[i]
+    for g in range(0, b.size, 64):
+        if remaining == 0:
+            break
+        xs, bs = x[g: g + 64], b[g: g + 64]
+        equal = np.uint64(0)
+        for k in range(xs.size):
+            equal |= np.uint64(abs(xs[k] - bs[k]) == value) << np.uint64(k)
+        while equal and remaining > 0:
+            k = g + trailing_zeros(equal)
+            d[k] = (x[k] - b[k]) * np.float32(1) * scale * w
+            remaining -= 1
+            equal &= equal - np.uint64(1)
+    left[i] = remaining
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def gta_chunk(base, models, out, modes, values, left, keys, thresh, start, scales, weights, consensus,
               normalize, divisor_all, lam, use_lam):
     """One output chunk of task_arithmetic / ties / dare_ties into ``out`` (float32), block by block:
-    each model's weighted, trimmed task vector, then the sum (with TIES's sign election), the
-    division, lambda and the base, each step an L1-resident loop in ``methods._combine32``'s order.
+    each model's weighted, trimmed task vector (``_delta``), then the sum (with TIES's sign election),
+    the division, lambda and the base, each step an L1-resident loop in ``methods._combine32``'s order.
     ``base`` and ``models`` are stored elements (float32, or bfloat16 as uint16)."""
     count = len(models)
     d = np.empty((count, BLOCK), np.float32)
-    f = np.empty(BLOCK, np.float32)
     total, mixed, divisor = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
     base_bits, x_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
     base_block, x_block = base_bits.view(np.float32), x_bits.view(np.float32)
@@ -201,15 +235,20 @@ def gta_chunk(base, models, out, modes, values, left, keys, thresh, start, scale
         for i in range(count):
             x = x_block[:m]
             _load(models[i][s:e], x, x_bits[:m])
-            _task_vector(modes[i], b, x, values[i], left, i, keys[i], thresh[i], start + s,
-                         scales[i], weights[i], f[:m], d[i][:m])
-        t, d0 = total[:m], d[0][:m]
-        for k in range(m):
-            t[k] = d0[k]
-        for i in range(1, count):
             di = d[i][:m]
+            _delta(modes[i], b, x, values[i], left, i, keys[i], thresh[i], start + s, scales[i], weights[i], di)
+        t, d0 = total[:m], d[0][:m]
+        if count == 1:
             for k in range(m):
-                t[k] = t[k] + di[k]
+                t[k] = d0[k]
+        else:
+            d1 = d[1][:m]
+            for k in range(m):
+                t[k] = d0[k] + d1[k]
+            for i in range(2, count):
+                di = d[i][:m]
+                for k in range(m):
+                    t[k] = t[k] + di[k]
         if consensus:
             _elect(d, weights, t, mixed[:m], divisor[:m])
             _finish(mixed[:m], divisor[:m], normalize, lam, use_lam, b, out[s:e])
@@ -266,6 +305,70 @@ def _count(bits, target, counts):
         for k in range(bits.size):
             if (bits[k] >> 16) == target:
                 counts[bits[k] & 0xFFFF] += 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def sample_magnitudes(base, x, starts, run, out):
+    """The float32 bits of |x - base| at elements ``starts[r] + [0, run)`` into ``out[r * run:]``;
+    ``base`` and ``x`` are whole stored tensors (float32, or bfloat16 as uint16)."""
+    base_bits, x_bits, mag_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
+    base_block, x_block, mags = base_bits.view(np.float32), x_bits.view(np.float32), mag_bits.view(np.float32)
+    for r in range(starts.size):
+        for s in range(starts[r], starts[r] + run, BLOCK):
+            e = min(s + BLOCK, starts[r] + run)
+            _magnitudes(base, x, s, e, base_block, base_bits, x_block, x_bits, mags)
+            o = out[r * run + s - starts[r]: r * run + e - starts[r]]
+            for k in range(e - s):
+                o[k] = mag_bits[k]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def window_count(base, models, active, lo, hi, above, equal, cand, fill):
+    """One chunk of the windowed select: per active model i, with u the float32 bits of |d_i|,
+    ``above[i]`` += #(u > hi[i]), ``equal[i]`` += #(u == lo[i]), and each u in (lo[i], hi[i]] is
+    appended to ``cand[i]`` (``fill[i]`` counts them, past the row's end too: overflow). The counts
+    vectorise, and so does a bit mask of the candidates per 64 elements, which the appending walks."""
+    base_bits, x_bits, mag_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
+    base_block, x_block, mags = base_bits.view(np.float32), x_bits.view(np.float32), mag_bits.view(np.float32)
+    n = base.size
+    for s in range(0, n, BLOCK):
+        e = min(s + BLOCK, n)
+        m = e - s
+        _load(base[s:e], base_block[:m], base_bits[:m])
+        for i in range(len(models)):
+            if not active[i]:
+                continue
+            _load(models[i][s:e], x_block[:m], x_bits[:m])
+            h, low = hi[i], lo[i]
+            for k in range(m):
+                mags[k] = abs(x_block[k] - base_block[k])
+            u = mag_bits[:m]
+            a, q = np.int32(0), np.int32(0)
+            for k in range(m):
+                a += np.int32(u[k] > h)
+                q += np.int32(u[k] == low)
+            above[i] += a
+            equal[i] += q
+            if h != low:
+                fill[i] = _append_inside(u, low, h, cand[i], fill[i])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _append_inside(u, low, h, row, f):
+    """Append the u in (low, h] to ``row`` from position ``f`` (counting past its end); the new ``f``."""
+    cap = row.size
+    for g in range(0, u.size, 64):
+        group = u[g: g + 64]
+        inside = np.uint64(0)  # bit k: element k of the group lies in the window
+        for k in range(group.size):
+            inside |= np.uint64((group[k] > low) & (group[k] <= h)) << np.uint64(k)
+        while inside:
+            k = trailing_zeros(inside)
+            if f < cap:
+                row[f] = group[k]
+            f += 1
+            inside &= inside - np.uint64(1)
+    return f
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -454,6 +557,106 @@ def _chunk(job: TensorJob, s: int, e: int) -> tuple[np.ndarray, tuple[np.ndarray
     return _frozen(read(0, s, e)), tuple(_frozen(read(i + 1, s, e)) for i in range(job.count))
 
 
+SAMPLE_MIN, SAMPLE_MAX, SAMPLE_RUN = 1 << 16, 1 << 20, 256
+"""TIES's windowed select first reads |d| at runs of ``SAMPLE_RUN`` elements spread evenly, a sixteenth
+of the tensor within [SAMPLE_MIN, SAMPLE_MAX] elements (a tensor up to SAMPLE_MIN: all of it)."""
+WINDOW_SIGMAS = 8.0
+"""Half-width of the window around the sample's estimate of the cut, in binomial standard deviations."""
+WINDOW_MAX = 0.25
+"""A window expected to hold more than this fraction of a tensor goes straight to the radix select."""
+
+
+def _cut_from(bits: np.ndarray, k: int, greater: int = 0) -> Cut:
+    """The cut at the ``k``-th largest of ``bits`` (float32 bits of magnitudes), ``greater`` more
+    elements known to be larger."""
+    order = np.partition(bits, bits.size - k)
+    value = order[bits.size - k]
+    above = greater + int(np.count_nonzero(order[bits.size - k + 1:] > value))
+    return Cut(float(np.array(value, np.uint32).view(np.float32)), greater + k - above)
+
+
+def ties_cuts(job: TensorJob, densities: list[float]) -> list[Cut | None]:
+    """Every model's TIES cut, as ``methods.magnitude_cut`` (the same value and count of equal
+    elements kept), mostly in one pass: a sample of |d| (``sample_magnitudes``) brackets the k-th
+    largest in a window of a few percent of the elements; one pass (``window_count``) counts the
+    elements above the window and collects those inside it, and the cut is selected among these. A
+    model whose cut falls outside its window (the sample misled: ~never at 8 sigma) or whose window
+    would be wide (many equal magnitudes) gets the two-pass ``radix_cuts``. A tensor no larger than
+    the sample is selected exactly from all its magnitudes."""
+    n = job.size
+    if job.stored is None or n == 0:
+        return radix_cuts(job, densities)
+    cuts: list[Cut | None] = [Cut(math.inf, 0) if d <= 0 else None for d in densities]
+    base = _frozen(job.stored(0, 0, n))
+    models = tuple(_frozen(job.stored(i + 1, 0, n)) for i in range(job.count))
+    ks = [max(1, int(d * n)) for d in densities]
+    lo, hi, active, caps, fallback = _windows(base, models, densities, ks, cuts)
+    if active.any():
+        above, equal, fill = (np.zeros(job.count, np.int64) for _ in range(3))
+        cand = np.empty((job.count, int(caps.max())), np.uint32)
+        for s, e in job.spans():
+            window_count(*_chunk(job, s, e), active, lo, hi, above, equal, cand, fill)
+        for i in np.flatnonzero(active):
+            cuts[i] = _settle(ks[i], int(above[i]), int(fill[i]), int(equal[i]), int(caps[i]), lo[i], cand[i])
+            if cuts[i] is None:
+                fallback.append(int(i))
+    if fallback:
+        redo = radix_cuts(job, [densities[i] if i in fallback else 1.0 for i in range(job.count)])
+        for i in fallback:
+            cuts[i] = redo[i]
+    return cuts
+
+
+def _windows(base: np.ndarray, models: tuple[np.ndarray, ...], densities: list[float], ks: list[int],
+             cuts: list[Cut | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """Per model with 0 < density < 1, from a sample of its magnitudes: the window's bounds, whether
+    the window pass counts it (``active``) and its room for candidates; ``cuts[i]`` set outright for a
+    tensor no larger than the sample; the models for the radix select (a wide window)."""
+    n, count = base.size, len(models)
+    whole = n <= SAMPLE_MIN
+    runs, run = (1, n) if whole else (max(2, min(SAMPLE_MAX, n // 16) // SAMPLE_RUN), min(SAMPLE_RUN, n))
+    starts = np.array([r * (n - run) // max(runs - 1, 1) for r in range(runs)], np.int64)
+    lo, hi = np.zeros(count, np.uint32), np.zeros(count, np.uint32)
+    active, caps = np.zeros(count, np.bool_), np.zeros(count, np.int64)
+    fallback = []
+    for i, density in enumerate(densities):
+        if not 0 < density < 1:
+            continue
+        sample = np.empty(runs * run, np.uint32)
+        sample_magnitudes(base, models[i], starts, run, sample)
+        if whole:
+            cuts[i] = _cut_from(sample, ks[i])
+            continue
+        lo[i], hi[i], inside = _window(sample, ks[i] / n)
+        if inside > WINDOW_MAX:
+            fallback.append(i)
+        else:
+            active[i], caps[i] = True, int(n * min(1.0, 1.5 * inside + 0.002)) + BLOCK
+    return lo, hi, active, caps, fallback
+
+
+def _window(sample: np.ndarray, q: float) -> tuple[np.uint32, np.uint32, float]:
+    """``(lo, hi, inside)``: bounds (float32 bits) that bracket the top-``q`` quantile of the tensor
+    the ``sample`` of its magnitudes comes from, and the fraction of the sample in (lo, hi]."""
+    size = sample.size
+    spread = WINDOW_SIGMAS * math.sqrt(size * q * (1 - q)) + 2
+    top_hi, top_lo = int(q * size - spread), int(math.ceil(q * size + spread))  # ranks from the top
+    # one order statistic per partition: numpy selects one k with SIMD, several ~30x slower
+    hi = np.partition(sample, size - 1 - top_hi)[size - 1 - top_hi] if top_hi >= 0 else np.uint32(0xFFFFFFFF)
+    lo = np.partition(sample, size - 1 - top_lo)[size - 1 - top_lo] if top_lo < size else np.uint32(0)
+    return np.uint32(lo), np.uint32(hi), int(np.count_nonzero((sample > lo) & (sample <= hi))) / size
+
+
+def _settle(k: int, above: int, inside: int, equal: int, cap: int, lo: np.uint32, cand: np.ndarray) -> Cut | None:
+    """The cut at the k-th largest from a window's counts: ``above`` it, ``inside`` it (collected in
+    ``cand`` up to ``cap``), ``equal`` to its lower end; None when the k-th largest lies outside."""
+    if inside > cap or k <= above or k > above + inside + equal:
+        return None
+    if k <= above + inside:
+        return _cut_from(cand[:inside], k - above, above)
+    return Cut(float(np.array(lo, np.uint32).view(np.float32)), k - above - inside)  # it is lo
+
+
 def radix_cuts(job: TensorJob, densities: list[float]) -> list[Cut | None]:
     """Every model's TIES cut (``methods.magnitude_cut``'s, the same value and count of equal elements
     kept) by a radix select on the bits of |d| (non-negative float32 bits order like the values): a
@@ -497,7 +700,7 @@ def _masks(method: str, job: TensorJob, densities: list[float]) -> tuple[np.ndar
     modes, values = np.zeros(count, np.int64), np.zeros(count, np.float32)
     left, keys, thresh = np.zeros(count, np.int64), np.zeros(count, np.uint64), np.zeros(count, np.uint64)
     if method == "ties":
-        for i, cut in enumerate(radix_cuts(job, densities)):
+        for i, cut in enumerate(ties_cuts(job, densities)):
             if cut is not None:
                 modes[i], values[i], left[i] = TRIM, np.float32(cut.value), cut.ties
     elif method == "dare_ties":
@@ -517,7 +720,16 @@ def _rescales(job: TensorJob, modes: np.ndarray, values: np.ndarray, left: np.nd
     return np.array(l1_scales(list(before), list(after)), np.float64).astype(np.float32)
 
 
-def gta_fused(method: str, job: TensorJob) -> Iterator[np.ndarray]:
+def prepared(method: str, job: TensorJob) -> Callable[[], Iterator[np.ndarray]]:
+    """``methods.prepare``'s fused path: the statistics now, the output pass when called."""
+    if method in ("task_arithmetic", "ties", "dare_ties"):
+        return _gta_prepared(method, job)
+    if method == "model_stock":
+        return _stock_prepared(job)
+    return _slerp_prepared(method, job)
+
+
+def _gta_prepared(method: str, job: TensorJob) -> Callable[[], Iterator[np.ndarray]]:
     """task_arithmetic / ties / dare_ties on float32 work: ``methods._gta_numpy``'s bits, fused."""
     modes, values, left, keys, thresh = _masks(method, job, [float(p["density"]) for p in job.per_model])
     scales = np.ones(job.count, np.float32)
@@ -529,11 +741,14 @@ def gta_fused(method: str, job: TensorJob) -> Iterator[np.ndarray]:
         divisor = divisor + w
     divisor = np.float32(1) if abs(divisor) < 1e-8 else np.float32(divisor)
     lam = float(job.shared["lambda"])
-    for s, e, out in _outputs(job):
-        base, models = _chunk(job, s, e)
-        gta_chunk(base, models, out, modes, values, left, keys, thresh, s, scales, weights,
-                  method != "task_arithmetic", bool(job.shared["normalize"]), divisor, np.float32(lam), lam != 1)
-        yield out
+
+    def emit() -> Iterator[np.ndarray]:
+        for s, e, out in _outputs(job):
+            base, models = _chunk(job, s, e)
+            gta_chunk(base, models, out, modes, values, left, keys, thresh, s, scales, weights,
+                      method != "task_arithmetic", bool(job.shared["normalize"]), divisor, np.float32(lam), lam != 1)
+            yield out
+    return emit
 
 
 def _outputs(job: TensorJob, step: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -558,7 +773,7 @@ def _dots(job: TensorJob, delta: bool, count: int, rows: int, width: int, step: 
     return dots
 
 
-def slerp_fused(method: str, job: TensorJob) -> Iterator[np.ndarray]:
+def _slerp_prepared(method: str, job: TensorJob) -> Callable[[], Iterator[np.ndarray]]:
     """slerp / task_slerp: the Gram matrix in one fused pass, then the output in another."""
     delta = method == "task_slerp"
     count = job.count if delta else 2
@@ -567,17 +782,26 @@ def slerp_fused(method: str, job: TensorJob) -> Iterator[np.ndarray]:
         g[a, b] = g[b, a] = value
     coefficients, offset = slerp_family_coefficients(method, job, g)
     c32 = np.array([np.float32(c) for c in coefficients], np.float32)
-    for s, e, out in _outputs(job):
-        slerp_chunk(*_chunk(job, s, e), c32, offset, out)
-        yield out
+
+    def emit() -> Iterator[np.ndarray]:
+        for s, e, out in _outputs(job):
+            slerp_chunk(*_chunk(job, s, e), c32, offset, out)
+            yield out
+    return emit
 
 
-def stock_fused(job: TensorJob, rows: int, width: int, step: int) -> Iterator[np.ndarray]:
+def _stock_prepared(job: TensorJob) -> Callable[[], Iterator[np.ndarray]]:
     """Model Stock: the task vectors' dot products (per row with ``filter_wise``) in one fused pass,
     then the output in another."""
+    if job.size == 0:
+        return lambda: iter(())
+    rows, width, step = stock_rows(job)
     dots = _dots(job, True, job.count, rows, width, step)
     t = stock_t({p: dots[:, j] for j, p in enumerate(stock_pairs(job.count))}, job.count)
-    for s, e, out in _outputs(job, step):
-        trow = t[s // width: e // width] if rows > 1 else t[:1]
-        stock_chunk(*_chunk(job, s, e), trow, width if rows > 1 else e - s, out)
-        yield out
+
+    def emit() -> Iterator[np.ndarray]:
+        for s, e, out in _outputs(job, step):
+            trow = t[s // width: e // width] if rows > 1 else t[:1]
+            stock_chunk(*_chunk(job, s, e), trow, width if rows > 1 else e - s, out)
+            yield out
+    return emit

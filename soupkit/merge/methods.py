@@ -125,11 +125,23 @@ def arrays_job(base: np.ndarray, models: list[np.ndarray], shape: tuple[int, ...
 
 def merge_stream(method: str, job: TensorJob) -> Iterator[np.ndarray]:
     """The merged tensor, float32, chunk after chunk (a chunk may be scratch space the next reuses)."""
+    return prepare(method, job)()
+
+
+def prepare(method: str, job: TensorJob) -> Callable[[], Iterator[np.ndarray]]:
+    """``merge_stream`` in two steps: the tensor's statistics (TIES's cuts, DARE's L1 rescales, the
+    dot products of SLERP and Model Stock) computed now, on the fused path, and a function that runs
+    the output pass. The engine prepares the next tensor in a second thread while it writes this one.
+    The numpy reference (``SOUPKIT_JIT=0``, or a narrower working dtype) does everything when called."""
+    if jit_enabled() and (job.work is None or method not in ("task_arithmetic", "ties", "dare_ties")):
+        from soupkit.merge.kernels import prepared
+
+        return prepared(method, job)
     if method in ("task_arithmetic", "ties", "dare_ties"):
-        return _gta(method, job)
+        return lambda: _gta_numpy(method, job)
     if method == "model_stock":
-        return _model_stock(job)
-    return _slerp_family(method, job)
+        return lambda: _model_stock_numpy(job)
+    return lambda: _slerp_numpy(method, job)
 
 
 def merge_array(method: str, job: TensorJob) -> np.ndarray:
@@ -226,14 +238,6 @@ def dare_mask(seed: int, name: str, index: int, start: int, stop: int, density: 
     z *= np.uint64(0x94D049BB133111EB)
     z ^= z >> np.uint64(31)
     return (z >> np.uint64(11)) < np.uint64(dare_threshold(density))
-
-
-def _gta(method: str, job: TensorJob) -> Iterator[np.ndarray]:
-    if job.work is None and jit_enabled():
-        from soupkit.merge.kernels import gta_fused
-
-        return gta_fused(method, job)
-    return _gta_numpy(method, job)
 
 
 def jit_enabled() -> bool:
@@ -434,15 +438,6 @@ def task_slerp_coefficients(g: np.ndarray, t: float) -> list[float]:
     return c.tolist()
 
 
-def _slerp_family(method: str, job: TensorJob) -> Iterator[np.ndarray]:
-    """slerp: base and model at ``t``; task_slerp: the init plus a SLERP of the task vectors."""
-    if jit_enabled():
-        from soupkit.merge.kernels import slerp_fused
-
-        return slerp_fused(method, job)
-    return _slerp_numpy(method, job)
-
-
 def slerp_family_coefficients(method: str, job: TensorJob, g: np.ndarray) -> tuple[list[float], bool]:
     """The float64 coefficients of the vectors (slerp: base and model; task_slerp: the task vectors)
     from their Gram matrix, and whether the base is added (task_slerp)."""
@@ -452,6 +447,7 @@ def slerp_family_coefficients(method: str, job: TensorJob, g: np.ndarray) -> tup
 
 
 def _slerp_numpy(method: str, job: TensorJob) -> Iterator[np.ndarray]:
+    """slerp: base and model at ``t``; task_slerp: the init plus a SLERP of the task vectors."""
     if method == "slerp":
         g = gram(job, lambda s, e: [job.read(0, s, e), job.read(1, s, e)], 2)
     else:
@@ -472,17 +468,12 @@ def _deltas(job: TensorJob, s: int, e: int) -> list[np.ndarray]:
 # --- model_stock -----------------------------------------------------------------------------------
 
 
-def _model_stock(job: TensorJob) -> Iterator[np.ndarray]:
+def _model_stock_numpy(job: TensorJob) -> Iterator[np.ndarray]:
     """Model Stock: interpolate from the base to the models' mean by t = N c / (1 + (N - 1) c), c the
     mean pairwise cosine of the task vectors over the tensor (per row with ``filter_wise``)."""
     if job.size == 0:
         return
     rows, width, step = stock_rows(job)
-    if jit_enabled():
-        from soupkit.merge.kernels import stock_fused
-
-        yield from stock_fused(job, rows, width, step)
-        return
     t = _stock_t(job, rows, width, step)
     count = np.float32(job.count)
     for s, e in job.spans(step):

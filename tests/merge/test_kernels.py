@@ -86,7 +86,7 @@ def test_jit_off_runs_the_numpy_reference(monkeypatch):
     def boom(*_):
         raise AssertionError("the fused path ran")
 
-    monkeypatch.setattr(kernels, "gta_fused", boom)
+    monkeypatch.setattr(kernels, "prepared", boom)
     monkeypatch.setenv("SOUPKIT_JIT", "0")
     base = np.zeros(3, np.float32)
     job = methods.arrays_job(base, [base + 1], per_model=[{"weight": 2.0, "density": 1.0}],
@@ -128,6 +128,101 @@ def test_radix_cut_edges():
     for density, value, ties in ((0.2, 1e30, 1), (0.4, float(d[1]), 1), (0.6, 1.0, 1), (0.8, 1.0, 2), (0.99, 1.0, 2)):
         cut = kernels.radix_cuts(job, [density])[0]
         assert (cut.value, cut.ties) == (float(np.float32(value)), ties), density
+
+
+# ---------------------------------------------------------------------------------------------
+# TIES: the one-pass windowed select (a sample brackets the cut) is np.partition's too
+
+
+def small_samples(monkeypatch, sigmas: float = 8.0) -> dict[str, int]:
+    """Samples of 64+ elements in runs of 8, so tensors of a few thousand elements take the window
+    path; returns counters of the windowed and radix selects that ran."""
+    monkeypatch.setattr(kernels, "SAMPLE_MIN", 64)
+    monkeypatch.setattr(kernels, "SAMPLE_RUN", 8)
+    monkeypatch.setattr(kernels, "WINDOW_SIGMAS", sigmas)
+    ran = {"window": 0, "radix": 0}
+    window_count, radix_cuts = kernels.window_count, kernels.radix_cuts
+
+    def counted_window(*args):
+        ran["window"] += 1
+        return window_count(*args)
+
+    def counted_radix(*args):
+        ran["radix"] += 1
+        return radix_cuts(*args)
+
+    monkeypatch.setattr(kernels, "window_count", counted_window)
+    monkeypatch.setattr(kernels, "radix_cuts", counted_radix)
+    return ran
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_windowed_cut_equals_partition(monkeypatch, kind):
+    """Every kind of magnitudes, densities at both ends and chunks that split the window pass: the
+    windowed select's value and count of equal elements kept are np.partition's (``magnitude_cut``)."""
+    rng = np.random.default_rng(12)
+    monkeypatch.setattr(methods, "CHUNK", 777)
+    ran = small_samples(monkeypatch)
+    for n in (65, 2000, 9001):
+        base, models = inputs(kind, n, 3, rng)
+        job = methods.arrays_job(base, models)
+        densities = [0.5, 0.013, 0.97]
+        got = kernels.ties_cuts(job, densities)
+        for i, density in enumerate(densities):
+            want = methods.magnitude_cut(job, i, density, np.empty(n, np.float32))
+            assert (got[i].value, got[i].ties) == (want.value, want.ties), (kind, n, i)
+    assert ran["window"] > 0
+
+
+def test_windowed_cut_takes_one_pass_on_spread_magnitudes(monkeypatch):
+    """Distinct magnitudes: every cut is settled by the window pass (no radix select)."""
+    ran = small_samples(monkeypatch)
+    rng = np.random.default_rng(13)
+    base, models = inputs("random", 20000, 2, rng)
+    job = methods.arrays_job(base, models)
+    kernels.ties_cuts(job, [0.3, 0.6])
+    assert ran == {"window": 1, "radix": 0}
+
+
+@pytest.mark.parametrize("kind", ["random", "cut-ties", "zeros"])
+@pytest.mark.parametrize("sample", ["smallest", "largest", "narrow"])
+def test_windowed_cut_falls_back_when_the_sample_misleads(monkeypatch, kind, sample):
+    """A sample that misleads puts the window below the true cut, above it, or (zero width) beside
+    it: the radix select answers instead, with the same cut."""
+    ran = small_samples(monkeypatch, sigmas=0.0)
+    rng = np.random.default_rng(14)
+    base, models = inputs(kind, 5000, 2, rng)
+    job = methods.arrays_job(base, models)
+    true_sample = kernels.sample_magnitudes
+
+    def misleading(b, x, starts, run, out):
+        true_sample(b, x, starts, run, out)
+        if sample == "smallest":
+            out[:] = out.min()
+        elif sample == "largest":
+            out[:] = np.abs(x - b).view(np.uint32).max()
+
+    monkeypatch.setattr(kernels, "sample_magnitudes", misleading)
+    got = kernels.ties_cuts(job, [0.1, 0.5])
+    for i, density in enumerate((0.1, 0.5)):
+        want = methods.magnitude_cut(job, i, density, np.empty(5000, np.float32))
+        assert (got[i].value, got[i].ties) == (want.value, want.ties), (kind, i)
+    if sample != "narrow":
+        assert ran["radix"] == 1
+
+
+def test_windowed_ties_merge_equals_numpy_bit_for_bit(monkeypatch):
+    """The whole fused TIES merge with the window path and odd chunk ends gives numpy's bits."""
+    small_samples(monkeypatch)
+    monkeypatch.setattr(methods, "CHUNK", 1000)
+    rng = np.random.default_rng(15)
+    for kind in KINDS:
+        base, models = inputs(kind, 7001, 3, rng)
+        job = methods.arrays_job(base, models, per_model=[{"weight": 0.4 + i / 5, "density": 0.2 + i / 4}
+                                                           for i in range(3)],
+                                 shared={"normalize": True, "rescale": True, "lambda": 1.0})
+        fused, reference = fused_and_reference("ties", job, monkeypatch)
+        assert same_bits(fused, reference), kind
 
 
 # ---------------------------------------------------------------------------------------------
