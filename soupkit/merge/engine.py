@@ -13,13 +13,24 @@ torch's conversion (round to nearest, ties to even; NaN -> 0x7FC0) bit for bit.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from soupkit.merge.methods import METHODS, TensorJob, jit_enabled, merge_stream, mergekit_t, resolve
+from soupkit.errors import SoupkitError
+from soupkit.merge.methods import (
+    METHODS,
+    TensorJob,
+    jit_enabled,
+    merge_stream,
+    mergekit_t,
+    prepare,
+    resolve,
+)
 from soupkit.merge.preflight import MergePlan
 from soupkit.modeldir import STORAGE, Checkpoint
 from soupkit.shards import PlannedTensor, ShardedWriter, parse_size
@@ -117,10 +128,12 @@ def averaged_chunks(arrays: list[np.ndarray], dtypes: list[str], weights: list[f
         yield narrow(acc, out_dtype, buf)
 
 
-def merge_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Buffers) -> None:
-    """Average one tensor chunk by chunk; non-float tensors are copied from the first model."""
+def merge_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Buffers,
+                 ready: Future | None = None) -> None:
+    """Average one tensor chunk by chunk; non-float tensors are copied from the first model.
+    ``ready``: a task-vector method's ``methods.prepare`` of this tensor, run by ``Lookahead``."""
     if plan.spec.method in METHODS:
-        return merge_task_tensor(plan, name, writer, buf)
+        return merge_task_tensor(plan, name, writer, buf, ready)
     arrays = [m.array(name) for m in plan.models]
     if not plan.models[0].tensors[name].is_float:
         writer.write(name, arrays[0])
@@ -130,7 +143,8 @@ def merge_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Buffers
         writer.write(name, chunk)
 
 
-def merge_task_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Buffers) -> None:
+def merge_task_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Buffers,
+                      ready: Future | None = None) -> None:
     """A task-vector method on one tensor (``soupkit.merge.methods``: a statistics pass if the method
     needs one, then float32 chunks), each chunk rounded once to the output dtype; non-float tensors are
     copied from the base."""
@@ -142,7 +156,8 @@ def merge_task_tensor(plan: MergePlan, name: str, writer: ShardedWriter, buf: Bu
     fused = out_dtype == "BF16" and jit_enabled()  # one numba pass instead of five numpy ones
     if fused:
         from soupkit.merge.kernels import narrow_bf16
-    for merged in merge_stream(plan.spec.method, task_job(plan, name, buf)):
+    stream = ready.result()() if ready is not None else merge_stream(plan.spec.method, task_job(plan, name, buf))
+    for merged in stream:
         for start in range(0, merged.size, CHUNK):
             chunk = merged[start:start + CHUNK]
             if fused:
@@ -213,16 +228,68 @@ def write_soup(plan: MergePlan, out_dir: Path, progress: Progress | None = None)
     buf = Buffers()
     total, done = sum(t.nbytes for t in planned), 0
     try:
-        for tensor in planned:
-            merge_tensor(plan, tensor.name, writer, buf)
-            done += tensor.nbytes
-            if progress is not None:
-                progress(done, total)
+        with Lookahead(plan, [t.name for t in planned], buf) as ahead:
+            for tensor in planned:
+                merge_tensor(plan, tensor.name, writer, buf, ahead.next())
+                done += tensor.nbytes
+                if progress is not None:
+                    progress(done, total)
     except BaseException:
         writer.abort()
         raise
     writer.close()
     return total
+
+
+class Lookahead:
+    """Prepares the coming tensors of a task-vector merge in one worker thread while the caller writes
+    the current one: ``methods.prepare``'s statistics passes (TIES's cut, DARE's rescale, the dot
+    products of SLERP and Model Stock) run up to ``DEPTH`` tensors ahead of the output passes, on a
+    second core. Only for the fused kernels (they release the GIL) reading the inputs as stored (no
+    shared scratch); the output is the same bits either way, and only the caller writes. Off with
+    one CPU or ``SOUPKIT_MERGE_THREADS=1``."""
+
+    DEPTH = 4
+
+    def __init__(self, plan: MergePlan, names: list[str], buf: Buffers):
+        self.plan, self.names, self.buf = plan, names, buf
+        self.index, self.submitted = 0, 0
+        self.pending: dict[int, Future] = {}
+        usable = plan.spec.method in METHODS and jit_enabled() and merge_threads() > 1
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="soupkit-prepare") if usable else None
+
+    def __enter__(self) -> Lookahead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def next(self) -> Future | None:
+        """The current tensor's preparation (None: prepare it in the caller); the coming ones queued."""
+        i = self.index
+        self.index += 1
+        while self.pool is not None and self.submitted < min(i + 1 + self.DEPTH, len(self.names)):
+            name = self.names[self.submitted]
+            if self.plan.source.tensors[name].is_float:
+                job = task_job(self.plan, name, self.buf)
+                if job.stored is not None:
+                    self.pending[self.submitted] = self.pool.submit(prepare, self.plan.spec.method, job)
+            self.submitted += 1
+        return self.pending.pop(i, None)
+
+
+def merge_threads() -> int:
+    """Threads a merge may use: ``SOUPKIT_MERGE_THREADS`` (default 2), at most the CPUs this process
+    may run on."""
+    value = os.environ.get("SOUPKIT_MERGE_THREADS", "2")
+    if not value.isdigit() or int(value) < 1:
+        raise SoupkitError(f"SOUPKIT_MERGE_THREADS: {value!r} is not a positive integer")
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return min(int(value), cpus)
 
 
 def checkpoint_dtype(ckpt: Checkpoint) -> str | None:
