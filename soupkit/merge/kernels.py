@@ -343,24 +343,30 @@ def window_count(base, models, active, lo, hi, above, equal, cand, fill):
             for k in range(m):
                 mags[k] = abs(x_block[k] - base_block[k])
             u = mag_bits[:m]
-            a, q = np.int32(0), np.int32(0)
-            for k in range(m):
-                a += np.int32(u[k] > h)
-                q += np.int32(u[k] == low)
-            above[i] += a
-            equal[i] += q
-            if h != low:
-                fill[i] = _append_inside(u, low, h, cand[i], fill[i])
+            if h == low:
+                a, q = np.int32(0), np.int32(0)
+                for k in range(m):
+                    a += np.int32(u[k] > h)
+                    q += np.int32(u[k] == low)
+                above[i] += a
+                equal[i] += q
+            else:
+                fill[i] = _count_and_append(u, low, h, cand[i], fill[i], above, equal, i)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _append_inside(u, low, h, row, f):
-    """Append the u in (low, h] to ``row`` from position ``f`` (counting past its end); the new ``f``."""
+def _count_and_append(u, low, h, row, f, above, equal, i):
+    """Count the u above (low, h] and equal to low, and append those inside it to ``row`` from
+    position ``f`` (counting past its end), 64 at a time: a bit mask of the ones inside (the loop
+    vectorises) is walked in order. Returns the new ``f``."""
     cap = row.size
+    a, q = np.int32(0), np.int32(0)
     for g in range(0, u.size, 64):
         group = u[g: g + 64]
         inside = np.uint64(0)  # bit k: element k of the group lies in the window
         for k in range(group.size):
+            a += np.int32(group[k] > h)
+            q += np.int32(group[k] == low)
             inside |= np.uint64((group[k] > low) & (group[k] <= h)) << np.uint64(k)
         while inside:
             k = trailing_zeros(inside)
@@ -368,6 +374,8 @@ def _append_inside(u, low, h, row, f):
                 row[f] = group[k]
             f += 1
             inside &= inside - np.uint64(1)
+    above[i] += a
+    equal[i] += q
     return f
 
 
@@ -379,12 +387,17 @@ def l1_histograms(base, models, modes, values, left, keys, thresh, start, before
     base_block, x_block, mags = base_bits.view(np.float32), x_bits.view(np.float32), mag_bits.view(np.float32)
     f = np.empty(BLOCK, np.float32)
     n = base.size
-    for i in range(len(models)):
-        for s in range(0, n, BLOCK):
-            e = min(s + BLOCK, n)
-            m = e - s
-            _magnitudes(base, models[i], s, e, base_block, base_bits, x_block, x_bits, mags)
-            _factors(modes[i], base_block[:m], x_block[:m], values[i], left, i, keys[i], thresh[i], start + s, f[:m])
+    for s in range(0, n, BLOCK):
+        e = min(s + BLOCK, n)
+        m = e - s
+        b = base_block[:m]
+        _load(base[s:e], b, base_bits[:m])
+        for i in range(len(models)):
+            x = x_block[:m]
+            _load(models[i][s:e], x, x_bits[:m])
+            for k in range(m):
+                mags[k] = abs(x[k] - b[k])
+            _factors(modes[i], b, x, values[i], left, i, keys[i], thresh[i], start + s, f[:m])
             _l1_block(mag_bits[:m], f[:m], before[i], after[i])
 
 
