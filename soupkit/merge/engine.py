@@ -266,7 +266,8 @@ class Lookahead:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
     def next(self) -> Future | None:
-        """The current tensor's preparation (None: prepare it in the caller); the coming ones queued."""
+        """The current tensor's preparation (None: prepare it in the caller); the coming ones queued.
+        The first tensor is prepared here, with the worker's help, before anything is queued."""
         i = self.index
         self.index += 1
         while self.pool is not None and self.submitted < min(i + 1 + self.DEPTH, len(self.names)):
@@ -274,9 +275,16 @@ class Lookahead:
             if self.plan.source.tensors[name].is_float:
                 job = task_job(self.plan, name, self.buf)
                 if job.stored is not None:
-                    self.pending[self.submitted] = self.pool.submit(prepare, self.plan.spec.method, job)
+                    self.pending[self.submitted] = self._prepare(self.submitted, job)
             self.submitted += 1
         return self.pending.pop(i, None)
+
+    def _prepare(self, i: int, job: TensorJob) -> Future:
+        if i > 0:
+            return self.pool.submit(prepare, self.plan.spec.method, job)
+        done: Future = Future()
+        done.set_result(prepare(self.plan.spec.method, job, self.pool))
+        return done
 
 
 def merge_threads() -> int:

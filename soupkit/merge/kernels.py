@@ -20,7 +20,8 @@ and are cached on disk by numba (``cache=True``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
 
 import numpy as np
 from numba import njit, types
@@ -382,7 +383,8 @@ def _count_and_append(u, low, h, row, f, above, equal, i):
 @njit(cache=True, nogil=True, error_model="numpy")
 def l1_histograms(base, models, modes, values, left, keys, thresh, start, before, after):
     """Exact L1 norms of each task vector before and after its trim/drop, as ``methods.L1_BINS``
-    histograms (``before[i]``, ``after[i]``; int64; ``methods.l1_norm`` reads them)."""
+    histograms (``before[i]``, ``after[i]``; int64; ``methods.l1_norm`` reads them); a model kept
+    whole is skipped (its histograms stay 0: rescale 1, never applied to it)."""
     base_bits, x_bits, mag_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
     base_block, x_block, mags = base_bits.view(np.float32), x_bits.view(np.float32), mag_bits.view(np.float32)
     f = np.empty(BLOCK, np.float32)
@@ -393,6 +395,8 @@ def l1_histograms(base, models, modes, values, left, keys, thresh, start, before
         b = base_block[:m]
         _load(base[s:e], b, base_bits[:m])
         for i in range(len(models)):
+            if modes[i] == KEEP_ALL:  # before = after: its rescale is 1
+                continue
             x = x_block[:m]
             _load(models[i][s:e], x, x_bits[:m])
             for k in range(m):
@@ -733,21 +737,37 @@ def _rescales(job: TensorJob, modes: np.ndarray, values: np.ndarray, left: np.nd
     return np.array(l1_scales(list(before), list(after)), np.float64).astype(np.float32)
 
 
-def prepared(method: str, job: TensorJob) -> Callable[[], Iterator[np.ndarray]]:
-    """``methods.prepare``'s fused path: the statistics now, the output pass when called."""
+def prepared(method: str, job: TensorJob, helper: Executor | None = None) -> Callable[[], Iterator[np.ndarray]]:
+    """``methods.prepare``'s fused path: the statistics now, the output pass when called. With a
+    ``helper``, TIES's and DARE's per-model statistics are split between it and the caller."""
     if method in ("task_arithmetic", "ties", "dare_ties"):
-        return _gta_prepared(method, job)
+        return _gta_prepared(method, job, helper)
     if method == "model_stock":
         return _stock_prepared(job)
     return _slerp_prepared(method, job)
 
 
-def _gta_prepared(method: str, job: TensorJob) -> Callable[[], Iterator[np.ndarray]]:
-    """task_arithmetic / ties / dare_ties on float32 work: ``methods._gta_numpy``'s bits, fused."""
-    modes, values, left, keys, thresh = _masks(method, job, [float(p["density"]) for p in job.per_model])
+def gta_statistics(method: str, job: TensorJob, models: Sequence[int]) -> tuple[np.ndarray, ...]:
+    """``(modes, values, left, keys, thresh, scales)`` of the ``models`` (the others keep every
+    element at scale 1): TIES's cuts, DARE's keys, and the L1 rescales with ``rescale``."""
+    densities = [float(p["density"]) if i in models else 1.0 for i, p in enumerate(job.per_model)]
+    modes, values, left, keys, thresh = _masks(method, job, densities)
     scales = np.ones(job.count, np.float32)
     if job.shared["rescale"] and modes.any():
         scales = _rescales(job, modes, values, left, keys, thresh)
+    return modes, values, left, keys, thresh, scales
+
+
+def _gta_prepared(method: str, job: TensorJob, helper: Executor | None = None) -> Callable[[], Iterator[np.ndarray]]:
+    """task_arithmetic / ties / dare_ties on float32 work: ``methods._gta_numpy``'s bits, fused."""
+    if helper is not None and method != "task_arithmetic" and job.count > 1:
+        half = job.count // 2  # the first half on the helper, the rest here
+        theirs = helper.submit(gta_statistics, method, job, range(half))
+        mine = gta_statistics(method, job, range(half, job.count))
+        stats = tuple(np.concatenate([a[:half], b[half:]]) for a, b in zip(theirs.result(), mine))
+    else:
+        stats = gta_statistics(method, job, range(job.count))
+    modes, values, left, keys, thresh, scales = stats
     weights = np.array([np.float32(p["weight"]) for p in job.per_model], np.float32)
     divisor = weights[0]
     for w in weights[1:]:

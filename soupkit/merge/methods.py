@@ -33,6 +33,7 @@ import math
 import os
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,15 +129,17 @@ def merge_stream(method: str, job: TensorJob) -> Iterator[np.ndarray]:
     return prepare(method, job)()
 
 
-def prepare(method: str, job: TensorJob) -> Callable[[], Iterator[np.ndarray]]:
+def prepare(method: str, job: TensorJob, helper: Executor | None = None) -> Callable[[], Iterator[np.ndarray]]:
     """``merge_stream`` in two steps: the tensor's statistics (TIES's cuts, DARE's L1 rescales, the
     dot products of SLERP and Model Stock) computed now, on the fused path, and a function that runs
-    the output pass. The engine prepares the next tensor in a second thread while it writes this one.
-    The numpy reference (``SOUPKIT_JIT=0``, or a narrower working dtype) does everything when called."""
+    the output pass. The engine prepares the next tensors in a second thread while it writes this one;
+    ``helper`` (that thread) takes half of TIES's and DARE's per-model statistics while the caller
+    computes the rest (the engine's first tensor, which nothing else overlaps). The numpy reference
+    (``SOUPKIT_JIT=0``, or a narrower working dtype) does everything when called."""
     if jit_enabled() and (job.work is None or method not in ("task_arithmetic", "ties", "dare_ties")):
         from soupkit.merge.kernels import prepared
 
-        return prepared(method, job)
+        return prepared(method, job, helper)
     if method in ("task_arithmetic", "ties", "dare_ties"):
         return lambda: _gta_numpy(method, job)
     if method == "model_stock":

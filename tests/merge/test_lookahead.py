@@ -12,7 +12,7 @@ import torch
 
 from soupkit import run_merge
 from soupkit.errors import SoupkitError
-from soupkit.merge import engine, methods
+from soupkit.merge import engine, kernels, methods
 from tests.conftest import load_state, make_model
 from tests.merge.test_methods import _save_like
 
@@ -52,33 +52,46 @@ def spec(method: str, paths: list[Path], out: Path) -> dict:
 
 @pytest.mark.parametrize("method", list(SPECS))
 def test_lookahead_output_equals_the_serial_merge(tmp_path, monkeypatch, bf16_trio, method):
-    """With the lookahead on (forced: CI may have one CPU) every tensor is prepared on the worker
-    thread, and the file is the serial merge's byte for byte, also across small chunks."""
+    """With the lookahead on (forced: CI may have one CPU) the first tensor is prepared by the caller
+    (TIES's and DARE's per-model statistics split with the worker) and every other one on the worker
+    thread; the file is the serial merge's byte for byte, also across small chunks."""
     monkeypatch.setattr(methods, "CHUNK", 1000)
     monkeypatch.setenv("SOUPKIT_MERGE_THREADS", "1")
     serial = run_merge(spec(method, bf16_trio, tmp_path / "serial"))
     threads: list[str] = []
-    prepare = engine.prepare
+    split: list[tuple[str, tuple[int, ...]]] = []
+    prepare, statistics = engine.prepare, kernels.gta_statistics
 
     def recorded(*args):
         threads.append(threading.current_thread().name)
         return prepare(*args)
 
+    def recorded_statistics(method, job, models):
+        split.append((threading.current_thread().name, tuple(models)))
+        return statistics(method, job, models)
+
     monkeypatch.setattr(engine, "prepare", recorded)
+    monkeypatch.setattr(kernels, "gta_statistics", recorded_statistics)
     monkeypatch.setattr(engine, "merge_threads", lambda: 2)
     ahead = run_merge(spec(method, bf16_trio, tmp_path / "ahead"))
     assert (ahead / "model.safetensors").read_bytes() == (serial / "model.safetensors").read_bytes()
     floats = sum(v.is_floating_point() for v in load_state(serial).values())
-    assert len(threads) == floats and all(name.startswith("soupkit-prepare") for name in threads)
+    assert len(threads) == floats
+    assert threads[0] == threading.current_thread().name
+    assert all(name.startswith("soupkit-prepare") for name in threads[1:])
+    if method in ("ties", "dare_ties"):  # the first tensor: model 0 on the worker, model 1 here
+        first = sorted(split[:2])
+        assert first[0] == (threading.current_thread().name, (1,)) and first[1][1] == (0,)
+        assert first[1][0].startswith("soupkit-prepare")
 
 
 def test_a_failure_on_the_worker_stops_the_merge_with_its_message(tmp_path, monkeypatch, bf16_trio):
     prepare = engine.prepare
 
-    def failing(method, job):
+    def failing(method, job, *helper):
         if "layers.1." in job.name:
             raise SoupkitError(f"tensor {job.name}: refused")
-        return prepare(method, job)
+        return prepare(method, job, *helper)
 
     monkeypatch.setattr(engine, "prepare", failing)
     monkeypatch.setattr(engine, "merge_threads", lambda: 2)
