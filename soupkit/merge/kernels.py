@@ -579,8 +579,9 @@ SAMPLE_MIN, SAMPLE_MAX, SAMPLE_RUN = 1 << 16, 1 << 20, 256
 of the tensor within [SAMPLE_MIN, SAMPLE_MAX] elements (a tensor up to SAMPLE_MIN: all of it)."""
 WINDOW_SIGMAS = 8.0
 """Half-width of the window around the sample's estimate of the cut, in binomial standard deviations."""
-WINDOW_MAX = 0.25
-"""A window expected to hold more than this fraction of a tensor goes straight to the radix select."""
+WINDOW_MAX = 0.08
+"""A window expected to hold more than this fraction of a tensor goes straight to the radix select (the
+candidates it collects take 4 bytes each: at most ~0.5 byte per element of the tensor and model)."""
 
 
 def _cut_from(bits: np.ndarray, k: int, greater: int = 0) -> Cut:

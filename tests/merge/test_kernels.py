@@ -140,6 +140,7 @@ def small_samples(monkeypatch, sigmas: float = 8.0) -> dict[str, int]:
     monkeypatch.setattr(kernels, "SAMPLE_MIN", 64)
     monkeypatch.setattr(kernels, "SAMPLE_RUN", 8)
     monkeypatch.setattr(kernels, "WINDOW_SIGMAS", sigmas)
+    monkeypatch.setattr(kernels, "WINDOW_MAX", 1.0)  # such small samples give wide windows
     ran = {"window": 0, "radix": 0}
     window_count, radix_cuts = kernels.window_count, kernels.radix_cuts
 
@@ -182,6 +183,40 @@ def test_windowed_cut_takes_one_pass_on_spread_magnitudes(monkeypatch):
     job = methods.arrays_job(base, models)
     kernels.ties_cuts(job, [0.3, 0.6])
     assert ran == {"window": 1, "radix": 0}
+
+
+@pytest.mark.parametrize("kind", ["random", "cut-ties", "zeros"])
+def test_windowed_cut_with_the_shipped_sample_sizes(monkeypatch, kind):
+    """A tensor of 300,000 elements (above SAMPLE_MIN) with the shipped sample and window sizes: the
+    cuts are np.partition's, and spread magnitudes need no radix select."""
+    ran = {"radix": 0}
+    radix_cuts = kernels.radix_cuts
+
+    def counted(*args):
+        ran["radix"] += 1
+        return radix_cuts(*args)
+
+    monkeypatch.setattr(kernels, "radix_cuts", counted)
+    n = 300_000
+    base, models = inputs(kind, n, 2, np.random.default_rng(17))
+    job = methods.arrays_job(base, models)
+    got = kernels.ties_cuts(job, [0.5, 0.05])
+    for i, density in enumerate((0.5, 0.05)):
+        want = methods.magnitude_cut(job, i, density, np.empty(n, np.float32))
+        assert (got[i].value, got[i].ties) == (want.value, want.ties), (kind, i)
+    if kind == "random":
+        assert ran["radix"] == 0
+
+
+def test_a_wide_window_goes_to_the_radix_select(monkeypatch):
+    ran = small_samples(monkeypatch)
+    monkeypatch.setattr(kernels, "WINDOW_MAX", 0.0)
+    base, models = inputs("random", 20000, 2, np.random.default_rng(16))
+    job = methods.arrays_job(base, models)
+    got = kernels.ties_cuts(job, [0.3, 1.0])
+    want = methods.magnitude_cut(job, 0, 0.3, np.empty(20000, np.float32))
+    assert (got[0].value, got[0].ties) == (want.value, want.ties) and got[1] is None
+    assert ran == {"window": 0, "radix": 1}
 
 
 @pytest.mark.parametrize("kind", ["random", "cut-ties", "zeros"])
@@ -404,9 +439,14 @@ def test_kernel_l1_histograms_are_exact(spread):
     assert methods.l1_norm(before[0]) == math.fsum(np.abs(x).astype(float))
     assert methods.l1_norm(after[0]) == math.fsum(np.abs(x[keep]).astype(float))
     x[100] = np.inf
-    kernels.l1_histograms(base, (x,), np.array([kernels.KEEP_ALL]), np.zeros(1, np.float32), np.zeros(1, np.int64),
-                          np.zeros(1, np.uint64), np.zeros(1, np.uint64), 0, before, after)
+    kernels.l1_histograms(base, (x,), np.array([kernels.DROP]), np.zeros(1, np.float32), np.zeros(1, np.int64),
+                          np.array([key], np.uint64), np.array([thresh], np.uint64), 0, before, after)
     assert math.isnan(methods.l1_norm(before[0]))
+    # a model kept whole is skipped: its histograms stay empty (its rescale, 1, is never applied)
+    empty = np.zeros((1, methods.L1_BINS), np.int64), np.zeros((1, methods.L1_BINS), np.int64)
+    kernels.l1_histograms(base, (x,), np.array([kernels.KEEP_ALL]), np.zeros(1, np.float32), np.zeros(1, np.int64),
+                          np.zeros(1, np.uint64), np.zeros(1, np.uint64), 0, *empty)
+    assert not empty[0].any() and not empty[1].any()
 
 
 def test_narrow_bf16_equals_the_engines_rounding():
