@@ -324,11 +324,12 @@ def sample_magnitudes(base, x, starts, run, out):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def window_count(base, models, active, lo, hi, above, equal, cand, fill):
+def window_count(base, models, active, lo, hi, counts, cand, fill):
     """One chunk of the windowed select: per active model i, with u the float32 bits of |d_i|,
-    ``above[i]`` += #(u > hi[i]), ``equal[i]`` += #(u == lo[i]), and each u in (lo[i], hi[i]] is
-    appended to ``cand[i]`` (``fill[i]`` counts them, past the row's end too: overflow). The counts
-    vectorise, and so does a bit mask of the candidates per 64 elements, which the appending walks."""
+    ``counts[i]`` += (#(u > hi[i]), #(u == hi[i]), #(u == lo[i])) (the middle one 0 when hi = lo), and
+    each u strictly between lo[i] and hi[i] is appended to ``cand[i]`` (``fill[i]`` counts them, past
+    the row's end too: overflow). The counts vectorise, and so does a bit mask of the candidates per
+    64 elements, which the appending walks."""
     base_bits, x_bits, mag_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
     base_block, x_block, mags = base_bits.view(np.float32), x_bits.view(np.float32), mag_bits.view(np.float32)
     n = base.size
@@ -340,43 +341,38 @@ def window_count(base, models, active, lo, hi, above, equal, cand, fill):
             if not active[i]:
                 continue
             _load(models[i][s:e], x_block[:m], x_bits[:m])
-            h, low = hi[i], lo[i]
             for k in range(m):
                 mags[k] = abs(x_block[k] - base_block[k])
-            u = mag_bits[:m]
-            if h == low:
-                a, q = np.int32(0), np.int32(0)
-                for k in range(m):
-                    a += np.int32(u[k] > h)
-                    q += np.int32(u[k] == low)
-                above[i] += a
-                equal[i] += q
-            else:
-                fill[i] = _count_and_append(u, low, h, cand[i], fill[i], above, equal, i)
+            fill[i] = _count_and_append(mag_bits[:m], lo[i], hi[i], cand[i], fill[i], counts[i])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _count_and_append(u, low, h, row, f, above, equal, i):
-    """Count the u above (low, h] and equal to low, and append those inside it to ``row`` from
-    position ``f`` (counting past its end), 64 at a time: a bit mask of the ones inside (the loop
-    vectorises) is walked in order. Returns the new ``f``."""
+def _count_and_append(u, low, h, row, f, counts):
+    """``window_count`` for one model and block, 64 elements at a time; returns the new ``f``."""
     cap = row.size
-    a, q = np.int32(0), np.int32(0)
-    for g in range(0, u.size, 64):
-        group = u[g: g + 64]
-        inside = np.uint64(0)  # bit k: element k of the group lies in the window
-        for k in range(group.size):
-            a += np.int32(group[k] > h)
-            q += np.int32(group[k] == low)
-            inside |= np.uint64((group[k] > low) & (group[k] <= h)) << np.uint64(k)
-        while inside:
-            k = trailing_zeros(inside)
-            if f < cap:
-                row[f] = group[k]
-            f += 1
-            inside &= inside - np.uint64(1)
-    above[i] += a
-    equal[i] += q
+    a, at_h, at_low = np.int32(0), np.int32(0), np.int32(0)
+    if h == low:
+        for k in range(u.size):
+            a += np.int32(u[k] > h)
+            at_low += np.int32(u[k] == low)
+    else:
+        for g in range(0, u.size, 64):
+            group = u[g: g + 64]
+            inside = np.uint64(0)  # bit k: element k of the group lies strictly inside the window
+            for k in range(group.size):
+                a += np.int32(group[k] > h)
+                at_h += np.int32(group[k] == h)
+                at_low += np.int32(group[k] == low)
+                inside |= np.uint64((group[k] > low) & (group[k] < h)) << np.uint64(k)
+            while inside:
+                k = trailing_zeros(inside)
+                if f < cap:
+                    row[f] = group[k]
+                f += 1
+                inside &= inside - np.uint64(1)
+    counts[0] += a
+    counts[1] += at_h
+    counts[2] += at_low
     return f
 
 
@@ -610,12 +606,12 @@ def ties_cuts(job: TensorJob, densities: list[float]) -> list[Cut | None]:
     ks = [max(1, int(d * n)) for d in densities]
     lo, hi, active, caps, fallback = _windows(base, models, densities, ks, cuts)
     if active.any():
-        above, equal, fill = (np.zeros(job.count, np.int64) for _ in range(3))
+        counts, fill = np.zeros((job.count, 3), np.int64), np.zeros(job.count, np.int64)
         cand = np.empty((job.count, int(caps.max())), np.uint32)
         for s, e in job.spans():
-            window_count(*_chunk(job, s, e), active, lo, hi, above, equal, cand, fill)
+            window_count(*_chunk(job, s, e), active, lo, hi, counts, cand, fill)
         for i in np.flatnonzero(active):
-            cuts[i] = _settle(ks[i], int(above[i]), int(fill[i]), int(equal[i]), int(caps[i]), lo[i], cand[i])
+            cuts[i] = _settle(ks[i], counts[i], int(fill[i]), int(caps[i]), lo[i], hi[i], cand[i])
             if cuts[i] is None:
                 fallback.append(int(i))
     if fallback:
@@ -632,7 +628,8 @@ def _windows(base: np.ndarray, models: tuple[np.ndarray, ...], densities: list[f
     tensor no larger than the sample; the models for the radix select (a wide window)."""
     n, count = base.size, len(models)
     whole = n <= SAMPLE_MIN
-    runs, run = (1, n) if whole else (max(2, min(SAMPLE_MAX, n // 16) // SAMPLE_RUN), min(SAMPLE_RUN, n))
+    size = min(n, max(SAMPLE_MIN, min(SAMPLE_MAX, n // 16)))
+    runs, run = (1, n) if whole else (max(2, size // SAMPLE_RUN), min(SAMPLE_RUN, n))
     starts = np.array([r * (n - run) // max(runs - 1, 1) for r in range(runs)], np.int64)
     lo, hi = np.zeros(count, np.uint32), np.zeros(count, np.uint32)
     active, caps = np.zeros(count, np.bool_), np.zeros(count, np.int64)
@@ -655,24 +652,35 @@ def _windows(base: np.ndarray, models: tuple[np.ndarray, ...], densities: list[f
 
 def _window(sample: np.ndarray, q: float) -> tuple[np.uint32, np.uint32, float]:
     """``(lo, hi, inside)``: bounds (float32 bits) that bracket the top-``q`` quantile of the tensor
-    the ``sample`` of its magnitudes comes from, and the fraction of the sample in (lo, hi]."""
+    the ``sample`` of its magnitudes comes from, and the fraction of the sample strictly between them
+    (the elements equal to a bound are only counted)."""
     size = sample.size
     spread = WINDOW_SIGMAS * math.sqrt(size * q * (1 - q)) + 2
     top_hi, top_lo = int(q * size - spread), int(math.ceil(q * size + spread))  # ranks from the top
     # one order statistic per partition: numpy selects one k with SIMD, several ~30x slower
     hi = np.partition(sample, size - 1 - top_hi)[size - 1 - top_hi] if top_hi >= 0 else np.uint32(0xFFFFFFFF)
     lo = np.partition(sample, size - 1 - top_lo)[size - 1 - top_lo] if top_lo < size else np.uint32(0)
-    return np.uint32(lo), np.uint32(hi), int(np.count_nonzero((sample > lo) & (sample <= hi))) / size
+    return np.uint32(lo), np.uint32(hi), int(np.count_nonzero((sample > lo) & (sample < hi))) / size
 
 
-def _settle(k: int, above: int, inside: int, equal: int, cap: int, lo: np.uint32, cand: np.ndarray) -> Cut | None:
-    """The cut at the k-th largest from a window's counts: ``above`` it, ``inside`` it (collected in
-    ``cand`` up to ``cap``), ``equal`` to its lower end; None when the k-th largest lies outside."""
-    if inside > cap or k <= above or k > above + inside + equal:
-        return None
-    if k <= above + inside:
-        return _cut_from(cand[:inside], k - above, above)
-    return Cut(float(np.array(lo, np.uint32).view(np.float32)), k - above - inside)  # it is lo
+def _settle(k: int, counts: np.ndarray, inside: int, cap: int, lo: np.uint32, hi: np.uint32,
+            cand: np.ndarray) -> Cut | None:
+    """The cut at the k-th largest from a window's counts, from the top: ``counts`` = (above hi, equal
+    to hi, equal to lo), ``inside`` strictly between (collected in ``cand`` up to ``cap``); None when
+    the k-th largest lies outside the window."""
+    above, at_hi, at_lo = (int(c) for c in counts)
+    if hi == lo:
+        at_hi = 0  # counted as at_lo
+    bits = [None, hi, None, lo]  # the value at each stretch, from the top
+    for stretch, size in enumerate((above, at_hi, inside, at_lo)):
+        if k <= size:
+            if stretch == 0 or (stretch == 2 and inside > cap):
+                return None
+            if stretch == 2:
+                return _cut_from(cand[:inside], k, above + at_hi)
+            return Cut(float(np.array(bits[stretch], np.uint32).view(np.float32)), k)
+        k -= size
+    return None
 
 
 def radix_cuts(job: TensorJob, densities: list[float]) -> list[Cut | None]:
