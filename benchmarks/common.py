@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -31,15 +32,21 @@ def build_llama_pair(work: Path, seeds: tuple[int, ...] = (0, 1)) -> list[Path]:
     return paths
 
 
-def pair_benchmark(description: str, name: str) -> tuple[argparse.Namespace, Path, Path, Path]:
-    """The command line shared by the two-checkpoint benchmarks (``--runs``, ``--work``), the work
-    folder created, and the pair built in it: ``(args, work, a, b)``."""
+def pair_benchmark(description: str, name: str, options: Callable[[argparse.ArgumentParser], None] | None = None
+                   ) -> tuple[argparse.Namespace, Path, Path | None, Path | None]:
+    """The command line shared by the two-checkpoint benchmarks (``--runs``, ``--work``, and what
+    ``options`` adds), the work folder created, and the Llama pair built in it: ``(args, work, a, b)``
+    (no pair when a ``--model`` option names another model)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / ".work" / name)
+    if options is not None:
+        options(parser)
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "model", "llama") != "llama":
+        return args, work, None, None
     a, b = build_llama_pair(work)
     return args, work, a, b
 

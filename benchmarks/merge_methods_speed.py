@@ -1,7 +1,8 @@
 """Wall time of each native merge method against the read+write floor, in one process.
 
 Three random bfloat16 Llama checkpoints of ~134M parameters (the merge benchmark's pair and a third
-one from the same config): a base and two models. Each method merges them with ``run_merge`` (imports
+one from the same config): a base and two models; ``--model smollm2``: SmolLM2-135M-Instruct and two
+noisy copies of it (``build_smollm2_trio``). Each method merges them with ``run_merge`` (imports
 done once, outside the timing), on a warm page cache; the runs of the methods alternate, after one
 untimed warm-up run of each (reported as ``first_s``: it includes loading or compiling the numba
 kernels, which ``SOUPKIT_JIT=0`` turns off). The floor is
@@ -12,7 +13,7 @@ after ``sync``, so the disk writing back an earlier output does not land inside 
 every method twice, with the engine's lookahead (a second thread prepares the next tensors'
 statistics; the default) and without it (``SOUPKIT_MERGE_THREADS=1``, one core: ``serial_s``).
 
-Run:  python benchmarks/merge_methods_speed.py [--runs 3] [--work benchmarks/.work/merge]
+Run:  python benchmarks/merge_methods_speed.py [--runs 3] [--model llama|smollm2] [--work benchmarks/.work/merge]
 """
 
 from __future__ import annotations
@@ -58,11 +59,41 @@ def inputs_of(method: str, base: Path, x: Path, y: Path) -> list[Path]:
     return [x, y] if method == "uniform" else [base, x] if method == "slerp" else [base, x, y]
 
 
+def build_smollm2_trio(work: Path) -> list[Path]:
+    """SmolLM2-135M-Instruct (the real chat model: tied embeddings, a 2 MB BPE tokenizer.json) and two
+    "fine-tunes" of it, its weights plus noise of 2% of each tensor's mean |w|, all bfloat16."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from soupkit.realmodel import smollm2
+
+    source = smollm2()
+    paths = []
+    for i, scale in enumerate((0.0, 0.02, 0.02)):
+        path = work / f"smollm2-{i}"
+        if not (path / "model.safetensors").exists():
+            shutil.copytree(source, path, dirs_exist_ok=True)
+            torch.manual_seed(100 + i)
+            state = load_file(source / "model.safetensors")
+            save_file({k: (v.float() + scale * v.float().abs().mean() * torch.randn_like(v.float()))
+                       .to(torch.bfloat16).contiguous() for k, v in state.items()},
+                      path / "model.safetensors", metadata={"format": "pt"})
+        paths.append(path)
+    return paths
+
+
 def main() -> None:
     from soupkit import run_merge
 
-    args, work, _, _ = pair_benchmark(__doc__.splitlines()[0], "merge")
-    base, x, y = build_llama_pair(work, (0, 1, 2))
+    def options(parser):
+        parser.add_argument("--model", choices=["llama", "smollm2"], default="llama",
+                            help="llama: random 134M-parameter checkpoints; smollm2: the real chat model")
+
+    args, work, _, _ = pair_benchmark(__doc__.splitlines()[0], "merge", options)
+    if args.model == "smollm2":
+        base, x, y = build_smollm2_trio(work)
+    else:
+        base, x, y = build_llama_pair(work, (0, 1, 2))
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     serial: dict[str, list[float]] = {m: [] for m in METHODS}
     floors: dict[str, list[float]] = {m: [] for m in METHODS}
