@@ -268,6 +268,16 @@ def _magnitudes(base, x, s, e, base_block, base_bits, x_block, x_bits, mags):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _model_magnitudes(x, b, x_block, x_bits, mags):
+    """Widen one block of a model's stored elements ``x`` into ``x_block`` and set ``mags`` to
+    |x - b|, ``b`` the base's block already widened (once for all models)."""
+    m = b.size
+    _load(x, x_block[:m], x_bits[:m])
+    for k in range(m):
+        mags[k] = abs(x_block[k] - b[k])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def cut_histogram(base, models, active, bins, hist):
     """The radix select's passes over one chunk: ``bins[i]`` < 0: ``hist[i, bits(|d_i|) >> 16] += 1``
     (pass 1); else the low 16 bits of the |d_i| whose high 16 bits are ``bins[i]`` (pass 2). Counts
@@ -283,9 +293,7 @@ def cut_histogram(base, models, active, bins, hist):
         for i in range(len(models)):
             if not active[i]:
                 continue
-            _load(models[i][s:e], x_block[:m], x_bits[:m])
-            for k in range(m):
-                mags[k] = abs(x_block[k] - base_block[k])
+            _model_magnitudes(models[i][s:e], base_block[:m], x_block, x_bits, mags)
             _count(mag_bits[:m], bins[i], counts[i])
     for i in range(len(models)):
         for j in range(1 << 16):
@@ -340,9 +348,7 @@ def window_count(base, models, active, lo, hi, counts, cand, fill):
         for i in range(len(models)):
             if not active[i]:
                 continue
-            _load(models[i][s:e], x_block[:m], x_bits[:m])
-            for k in range(m):
-                mags[k] = abs(x_block[k] - base_block[k])
+            _model_magnitudes(models[i][s:e], base_block[:m], x_block, x_bits, mags)
             fill[i] = _count_and_append(mag_bits[:m], lo[i], hi[i], cand[i], fill[i], counts[i])
 
 
@@ -393,10 +399,8 @@ def l1_histograms(base, models, modes, values, left, keys, thresh, start, before
         for i in range(len(models)):
             if modes[i] == KEEP_ALL:  # before = after: its rescale is 1
                 continue
+            _model_magnitudes(models[i][s:e], b, x_block, x_bits, mags)
             x = x_block[:m]
-            _load(models[i][s:e], x, x_bits[:m])
-            for k in range(m):
-                mags[k] = abs(x[k] - b[k])
             _factors(modes[i], b, x, values[i], left, i, keys[i], thresh[i], start + s, f[:m])
             _l1_block(mag_bits[:m], f[:m], before[i], after[i])
 
