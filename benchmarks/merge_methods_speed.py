@@ -122,7 +122,7 @@ def main() -> None:
             size = (out / "model.safetensors").stat().st_size
             os.sync()
             floors[method].append(floor(inputs_of(method, base, x, y), size, work))
-    os.environ.pop("SOUPKIT_MERGE_THREADS")
+    os.environ.pop("SOUPKIT_MERGE_THREADS", None)
     report(times, serial, floors, first, cpus, work)
 
 

@@ -7,14 +7,16 @@ weights, the sign election, the sums, the division, lambda and the base, in the 
 operations and order as the numpy reference in ``soupkit.merge.methods`` (``_keep``, ``_combine32``),
 so the bits are the same; for slerp, task_slerp and model_stock the output pass likewise, given the
 same statistics. ``tests/merge/test_kernels.py`` checks both. The statistics passes are fused too:
-TIES's cut is a two-pass radix select on the bits of |d| (a histogram of the high 16 bits, then of
-the low 16 bits inside the chosen bin) instead of a partition of a full copy; DARE's L1 norms are
+TIES's cut is one pass over a window a sample brackets (``ties_cuts``), with a two-pass radix select
+on the bits of |d| (a histogram of the high 16 bits, then of the low 16 bits inside the chosen bin)
+where the sample misleads, instead of a partition of a full copy; DARE's L1 norms are
 exact (``methods.l1_histogram``'s representation); the dot products behind SLERP's angle and Model
 Stock's cosine are float64 sums, reassociated (a few float64 ulps from numpy's).
 
 This module imports numba (~0.2-0.35 s), so ``soupkit.merge.methods`` imports it only when a
 task-vector method runs; ``SOUPKIT_JIT=0`` keeps the numpy reference. Kernels compile on first use
-and are cached on disk by numba (``cache=True``).
+and are cached on disk by numba (``cache=True``). They release the GIL (``nogil``): the engine's
+``Lookahead`` runs the statistics passes of the coming tensors on a second thread.
 """
 
 from __future__ import annotations

@@ -175,6 +175,26 @@ def test_windowed_cut_equals_partition(monkeypatch, kind):
     assert ran["window"] > 0
 
 
+def test_windowed_cut_reads_bfloat16_as_stored(monkeypatch):
+    """bfloat16 inputs (uint16 bits, many equal magnitudes) through the window path: the cuts are
+    np.partition's on the widened inputs."""
+    ran = small_samples(monkeypatch)
+    monkeypatch.setattr(methods, "CHUNK", 1000)
+    rng = np.random.default_rng(18)
+    base = rng.standard_normal(12001).astype(np.float32) * 0.02
+    stored = [(a.view(np.uint32) >> 16).astype(np.uint16)
+              for a in (base, *(base + 0.002 * rng.standard_normal(12001).astype(np.float32) for _ in range(2)))]
+    widened = [(a.astype(np.uint32) << 16).view(np.float32) for a in stored]
+    job = methods.arrays_job(widened[0], widened[1:])
+    job.stored = lambda j, s, e: stored[j][s:e]
+    got = kernels.ties_cuts(job, [0.5, 0.2])
+    for i, density in enumerate((0.5, 0.2)):
+        want = methods.magnitude_cut(job, i, density, np.empty(12001, np.float32))
+        assert (got[i].value, got[i].ties) == (want.value, want.ties), i
+        assert got[i].ties > 1  # equal magnitudes at the cut
+    assert ran["window"] > 0
+
+
 def test_windowed_cut_takes_one_pass_on_spread_magnitudes(monkeypatch):
     """Distinct magnitudes: every cut is settled by the window pass (no radix select)."""
     ran = small_samples(monkeypatch)
