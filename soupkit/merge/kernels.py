@@ -31,6 +31,7 @@ from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import overload
 
 from soupkit.merge.methods import (
+    GTA_METHODS,
     L1_BINS,
     Cut,
     TensorJob,
@@ -77,7 +78,7 @@ def _factors(mode, b, x, value, left, i, key, thresh, first, f):
             for k in range(m):
                 hits += abs(x[k] - b[k]) == value
             if hits:
-                _keep_equal(b, x, value, left, i, f)
+                _keep_first_equal(b, x, value, left, i, f, True, np.float32(1), np.float32(1))
     elif mode == DROP:
         for k in range(m):
             z = key + np.uint64(first + k + 1) * G
@@ -85,17 +86,6 @@ def _factors(mode, b, x, value, left, i, key, thresh, first, f):
     else:
         for k in range(m):
             f[k] = np.float32(1)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _keep_equal(b, x, value, left, i, f):
-    """Keep the first ``left[i]`` elements whose magnitude equals the cut."""
-    remaining = left[i]
-    for k in range(b.size):
-        if remaining > 0 and abs(x[k] - b[k]) == value:
-            f[k] = np.float32(1)
-            remaining -= 1
-    left[i] = remaining
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -195,13 +185,15 @@ def _delta(mode, b, x, value, left, i, key, thresh, first, scale, w, d):
             diff = x[k] - b[k]
             d[k] = diff * np.float32(abs(diff) > value) * scale * w
         if left[i] > 0:
-            _keep_first_equal(b, x, value, left, i, scale, w, d)
+            _keep_first_equal(b, x, value, left, i, d, False, scale, w)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _keep_first_equal(b, x, value, left, i, scale, w, d):
-    """Keep the first ``left[i]`` elements of the block whose |x - b| equals the cut (factor 1): a
-    bit mask of the equal ones per 64 elements (it vectorises), walked in order."""
+def _keep_first_equal(b, x, value, left, i, out, factor, scale, w):
+    """Keep the first ``left[i]`` elements of the block whose |x - b| equals the cut (counted down):
+    ``out[k]`` = 1 (``factor``: a block of keep factors) or the kept, rescaled, weighted x - b (a
+    block of task vectors). A bit mask of the equal ones per 64 elements (it vectorises) is walked
+    in order."""
     remaining = left[i]
     for g in range(0, b.size, 64):
         if remaining == 0:
@@ -212,7 +204,7 @@ def _keep_first_equal(b, x, value, left, i, scale, w, d):
             equal |= np.uint64(abs(xs[k] - bs[k]) == value) << np.uint64(k)
         while equal and remaining > 0:
             k = g + trailing_zeros(equal)
-            d[k] = (x[k] - b[k]) * np.float32(1) * scale * w
+            out[k] = np.float32(1) if factor else (x[k] - b[k]) * np.float32(1) * scale * w
             remaining -= 1
             equal &= equal - np.uint64(1)
     left[i] = remaining
@@ -257,16 +249,6 @@ def gta_chunk(base, models, out, modes, values, left, keys, thresh, start, scale
             _finish(mixed[:m], divisor[:m], normalize, lam, use_lam, b, out[s:e])
         else:
             _finish_all(t, divisor_all, normalize, lam, use_lam, b, out[s:e])
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _magnitudes(base, x, s, e, base_block, base_bits, x_block, x_bits, mags):
-    """|x - base| over elements [s, e) of stored inputs, as float32 in ``mags``."""
-    m = e - s
-    _load(base[s:e], base_block[:m], base_bits[:m])
-    _load(x[s:e], x_block[:m], x_bits[:m])
-    for k in range(m):
-        mags[k] = abs(x_block[k] - base_block[k])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -327,7 +309,8 @@ def sample_magnitudes(base, x, starts, run, out):
     for r in range(starts.size):
         for s in range(starts[r], starts[r] + run, BLOCK):
             e = min(s + BLOCK, starts[r] + run)
-            _magnitudes(base, x, s, e, base_block, base_bits, x_block, x_bits, mags)
+            _load(base[s:e], base_block[:e - s], base_bits[:e - s])
+            _model_magnitudes(x[s:e], base_block[:e - s], x_block, x_bits, mags)
             o = out[r * run + s - starts[r]: r * run + e - starts[r]]
             for k in range(e - s):
                 o[k] = mag_bits[k]
@@ -756,7 +739,7 @@ def _rescales(job: TensorJob, modes: np.ndarray, values: np.ndarray, left: np.nd
 def prepared(method: str, job: TensorJob, helper: Executor | None = None) -> Callable[[], Iterator[np.ndarray]]:
     """``methods.prepare``'s fused path: the statistics now, the output pass when called. With a
     ``helper``, TIES's and DARE's per-model statistics are split between it and the caller."""
-    if method in ("task_arithmetic", "ties", "dare_ties"):
+    if method in GTA_METHODS:
         return _gta_prepared(method, job, helper)
     if method == "model_stock":
         return _stock_prepared(job)

@@ -62,6 +62,8 @@ class Method:
 
 
 GTA_SHARED = {"int8_mask": False, "lambda": 1.0}
+GTA_METHODS = ("task_arithmetic", "ties", "dare_ties")
+"""The task-arithmetic family: task vectors, trimmed or dropped, summed (with TIES's sign election)."""
 METHODS: dict[str, Method] = {
     "task_arithmetic": Method({**GTA_SHARED, "normalize": False, "rescale": False},
                               {"weight": None, "density": 1.0}),
@@ -136,11 +138,11 @@ def prepare(method: str, job: TensorJob, helper: Executor | None = None) -> Call
     ``helper`` (that thread) takes half of TIES's and DARE's per-model statistics while the caller
     computes the rest (the engine's first tensor, which nothing else overlaps). The numpy reference
     (``SOUPKIT_JIT=0``, or a narrower working dtype) does everything when called."""
-    if jit_enabled() and (job.work is None or method not in ("task_arithmetic", "ties", "dare_ties")):
+    if jit_enabled() and (job.work is None or method not in GTA_METHODS):
         from soupkit.merge.kernels import prepared
 
         return prepared(method, job, helper)
-    if method in ("task_arithmetic", "ties", "dare_ties"):
+    if method in GTA_METHODS:
         return lambda: _gta_numpy(method, job)
     if method == "model_stock":
         return lambda: _model_stock_numpy(job)
